@@ -1,0 +1,37 @@
+// Causal grouped-query attention over a KV cache.
+//   For batch b, query token i (absolute position p = start_pos[b] + i), head h, kv head g = h / (n_heads/n_kv_heads):
+//   out[b,i,h,:] = sum_{j <= p} softmax_j(scale * q[b,i,h,:] . k[b,g,j,:]) * v[b,g,j,:]     (out overwritten)
+//   lse[b,h,i] = log sum_j exp(scale * q.k_j)   (written when lse != nullptr, kept for the backward pass)
+// The keys/values for positions 0..start_pos[b]+seq_len-1 must already be in the cache (the caller appends the
+// new tokens' k/v first). k/v are addressed by explicit element strides, so the same op serves the generation
+// cache ([batch, n_kv_heads, max_seq, head_dim]) and training's contiguous [batch, seq, n_kv_heads, head_dim].
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace qkd {
+
+template <typename T>
+struct AttentionArgs {
+  T* out;                    // [batch, seq_len, n_heads, head_dim]
+  const T* q;                // [batch, seq_len, n_heads, head_dim]
+  const T* k;                // element (b, g, j, d) at k[b*kv_batch_stride + g*kv_head_stride + j*kv_seq_stride + d]
+  const T* v;                // same strides as k
+  float* lse;                // [batch, n_heads, seq_len] or nullptr
+  const int32_t* start_pos;  // [batch] absolute position of each sequence's first query token
+  int batch, seq_len, n_heads, n_kv_heads, head_dim;
+  int64_t kv_batch_stride, kv_head_stride, kv_seq_stride;
+  float scale;               // usually 1/sqrt(head_dim)
+};
+
+namespace cpu {
+void attention_forward(const AttentionArgs<float>& a);
+}
+namespace cuda {
+void attention_forward(const AttentionArgs<__nv_bfloat16>& a, cudaStream_t stream);
+}
+
+}  // namespace qkd

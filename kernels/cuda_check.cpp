@@ -1,0 +1,31 @@
+#include "kernels/cuda_check.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace qkd::detail {
+
+void cuda_fail(cudaError_t err, const char* stmt, const char* file, int line) {
+  fail("CUDA error {} ({}) in `{}` at {}:{}", cudaGetErrorName(err), cudaGetErrorString(err), stmt, file, line);
+}
+
+void cublas_fail(cublasStatus_t st, const char* stmt, const char* file, int line) {
+  fail("cuBLAS error {} ({}) in `{}` at {}:{}", cublasLtGetStatusName(st), cublasLtGetStatusString(st), stmt,
+       file, line);
+}
+
+static bool sync_launches() {
+  static const bool on = [] {
+    const char* v = std::getenv("QKD_SYNC_LAUNCHES");
+    return v != nullptr && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+void kernel_check(const char* file, int line) {
+  cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess && sync_launches()) err = cudaDeviceSynchronize();
+  if (err != cudaSuccess) cuda_fail(err, "kernel launch", file, line);
+}
+
+}  // namespace qkd::detail

@@ -1,0 +1,32 @@
+// A view of one tensor's bytes as they lie in a file (usually an mmap) or in a buffer the loader owns.
+// Dense dtypes are stored row-major. Block-quantized GGUF dtypes keep their own block layout (loader/gguf.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace qkd {
+
+enum class DType : uint8_t { F32, F16, BF16, I32, Q8_0, Q4_0, Q4_1 };
+
+const char* dtype_name(DType t);
+
+struct TensorView {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<int64_t> shape;
+  const std::byte* data = nullptr;
+  size_t nbytes = 0;
+
+  int64_t numel() const;
+  std::string shape_str() const;  // "[384, 1024]"
+};
+
+// Every supported dtype to fp32 (dequantizing block formats); out must hold numel() floats.
+void to_f32(const TensorView& t, float* out);
+std::vector<float> to_f32(const TensorView& t);
+
+}  // namespace qkd

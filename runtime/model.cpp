@@ -1,0 +1,57 @@
+#include "runtime/model.h"
+
+#include <cmath>
+#include <numbers>
+
+#include <fmt/core.h>
+
+#include "kernels/error.h"
+
+namespace qkd::runtime {
+
+BackendKind parse_backend(const std::string& name) {
+  if (name == "auto") return BackendKind::Auto;
+  if (name == "cpu") return BackendKind::Cpu;
+  if (name == "cuda") return BackendKind::Cuda;
+  fail("--backend: unknown backend '{}' (expected auto, cpu or cuda)", name);
+}
+
+const char* backend_name(BackendKind k) {
+  switch (k) {
+    case BackendKind::Auto: return "auto";
+    case BackendKind::Cpu: return "cpu";
+    case BackendKind::Cuda: return "cuda";
+  }
+  return "?";
+}
+
+std::vector<float> rope_inv_freq(const ModelConfig& c) {
+  QKD_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0, "rope: head_dim {} must be even and positive", c.head_dim);
+  const int half = c.head_dim / 2;
+  std::vector<float> f(half);
+  for (int i = 0; i < half; ++i) {
+    // computed in double so the CPU reference matches PyTorch's fp32 arange/pow to the last bit or two
+    double inv = 1.0 / std::pow(static_cast<double>(c.rope_theta), (2.0 * i) / c.head_dim);
+    const RopeScaling& s = c.rope_scaling;
+    if (s.type == RopeScalingType::Linear) {
+      inv /= s.factor;
+    } else if (s.type == RopeScalingType::Llama3) {
+      // Llama 3.1's frequency-dependent scaling: long wavelengths are divided by factor, short ones kept, and
+      // the band between is interpolated smoothly.
+      const double low_wavelen = s.original_max_position / s.low_freq_factor;
+      const double high_wavelen = s.original_max_position / s.high_freq_factor;
+      const double wavelen = 2.0 * std::numbers::pi / inv;
+      if (wavelen > low_wavelen) {
+        inv /= s.factor;
+      } else if (wavelen >= high_wavelen) {
+        const double smooth =
+            (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        inv = (1.0 - smooth) * inv / s.factor + smooth * inv;
+      }
+    }
+    f[i] = static_cast<float>(inv);
+  }
+  return f;
+}
+
+}  // namespace qkd::runtime
