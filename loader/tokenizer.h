@@ -45,4 +45,12 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_hin
 // Index of the first byte that breaks UTF-8, or -1 when the whole string is valid.
 int64_t find_invalid_utf8(std::string_view s);
 
+// The UTF-8 character at the start of s (Unicode Table 3-7: no overlongs, surrogates or code points past
+// U+10FFFF): its length n > 0 when complete; 0 when s is empty or a well-formed but incomplete start of one;
+// -k when its first k >= 1 bytes are the maximal ill-formed subpart (one U+FFFD's worth when replacing).
+int utf8_char_length(std::string_view s);
+
+// The byte a sentencepiece byte-fallback piece stands for ("<0x0A>" -> 10), or -1 for any other piece.
+int parse_byte_piece(std::string_view piece);
+
 }  // namespace qkd

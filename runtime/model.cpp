@@ -1,6 +1,7 @@
 #include "runtime/model.h"
 
 #include <cmath>
+#include <cstdio>
 #include <numbers>
 
 #include <fmt/core.h>
@@ -23,6 +24,16 @@ const char* backend_name(BackendKind k) {
     case BackendKind::Cuda: return "cuda";
   }
   return "?";
+}
+
+std::unique_ptr<Model> make_model(const ModelWeights& w, const ModelOptions& opt) {
+  switch (opt.backend) {
+    case BackendKind::Cpu: return make_cpu_model(w, opt);
+    case BackendKind::Cuda: fail("--backend cuda: the CUDA backend is not built into this binary yet");
+    case BackendKind::Auto: break;
+  }
+  std::fprintf(stderr, "qkd: no CUDA backend available; using the CPU\n");
+  return make_cpu_model(w, opt);
 }
 
 std::vector<float> rope_inv_freq(const ModelConfig& c) {

@@ -1,0 +1,485 @@
+// CUDA decode attention (kernels/decode_attention.h): causal GQA over the KV cache for few query tokens, the
+// context split across CTAs, then a combine kernel. bf16 operands, fp32 math.
+//   out[b,i,h,:] = sum_{j <= p} softmax_j(scale * q . k_j) * v_j          (out overwritten)
+//   lse[b,h,i]   = log sum_{j <= p} exp(scale * q . k_j)                  (written when lse != nullptr)
+//
+// Split kernel: grid (n_splits, n_kv_heads, batch). A CTA streams its slice of one kv head's keys/values in
+// tiles of 64 through a cp.async double buffer, and serves every query row that reads that kv head: the
+// (n_heads / n_kv_heads) heads of the GQA group times seq_len tokens, so each key/value byte crosses the memory
+// bus once per step. With one to a few dozen query rows the math is small next to the bytes (about rows flops
+// per byte), so CUDA cores do it; tensor cores would idle on 16-row tiles that are mostly padding.
+//   scores:  one thread per (row, key) dot product over head_dim, from shared memory;
+//   softmax: an online softmax per row (a group of lanes per row), in the log2 domain;
+//   P.V:     each thread owns 8 output columns of RPT rows, and, when there are few rows, one of several key
+//            slices (partial sums added at the end), so even a single row keeps all 128 threads busy.
+// Each split writes a normalised partial output and its log-sum-exp; the combine kernel (one warp per output
+// row) weights the partials by exp(lse_s - lse) and writes bf16 out and lse. With one split the split kernel
+// writes the result itself.
+//
+// Forward only (decode has no backward).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda_bf16.h>
+
+#include "kernels/cuda_check.h"
+#include "kernels/decode_attention.h"
+
+namespace qkd::cuda {
+
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kTile = 64;       // keys per pipeline stage: 16 KB of K+V per stage at head_dim 128
+constexpr int kMaxRows = 128;   // query rows per kv head: GQA 8 x 16 tokens
+constexpr int kMaxSplits = 64;
+constexpr float kLn2 = 0.69314718f;
+constexpr float kLog2e = 1.44269504f;
+
+struct SplitParams {
+  int rows;            // query rows per CTA: group * seq_len; row r is token r / group, head h0 + r % group
+  int group;           // n_heads / n_kv_heads
+  int row_lanes;       // P.V: threads (per 8-column chunk) that split the rows; each holds RPT rows
+  int key_slices;      // P.V: threads that split one tile's keys for the same rows
+  int lanes_per_row;   // softmax: lanes per row (a power of two, at most 32)
+  int n_splits;
+  float scale_log2;    // scale * log2(e)
+  float* part_out;     // [batch, seq_len, n_heads, n_splits, head_dim]  (n_splits > 1)
+  float* part_lse;     // [batch, seq_len, n_heads, n_splits], log2 domain
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read and the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 p = __bfloat1622float2(h[i]);
+    f[2 * i] = p.x;
+    f[2 * i + 1] = p.y;
+  }
+}
+
+template <int D>
+constexpr int kv_stride() {
+  return D + 8;  // 16 bytes of padding: 8 consecutive rows read at one column hit 8 different bank quads
+}
+
+template <int D>
+size_t split_smem_bytes(int rows) {
+  return 4 * kTile * kv_stride<D>() * sizeof(__nv_bfloat16)   // K, V double buffers
+         + static_cast<size_t>(rows) * D * sizeof(float)       // Q in fp32
+         + static_cast<size_t>(rows) * kTile * sizeof(float)   // scores, then probabilities
+         + 3 * static_cast<size_t>(rows) * sizeof(float);      // running max, denominator, rescale factor
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------- forward
+
+template <int D, int RPT>
+static __global__ void __launch_bounds__(kThreads)
+    decode_attention_split_kernel(const AttentionArgs<__nv_bfloat16> a, const SplitParams p) {
+  constexpr int S = kv_stride<D>();
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* s_k = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [2][kTile][S]
+  __nv_bfloat16* s_v = s_k + 2 * kTile * S;                          // [2][kTile][S]
+  float* s_q = reinterpret_cast<float*>(s_v + 2 * kTile * S);        // [rows][D]
+  float* s_p = s_q + p.rows * D;                                     // [rows][kTile]
+  float* s_m = s_p + p.rows * kTile;                                 // [rows] running max (log2 domain)
+  float* s_l = s_m + p.rows;                                         // [rows] running denominator
+  float* s_alpha = s_l + p.rows;                                     // [rows] this tile's rescale factor
+
+  const int split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x;
+  const int h0 = g * p.group;
+  const int start = a.start_pos[b];
+  const int ctx = start + a.seq_len;
+  // The live context divided evenly between the planned splits, in whole tiles.
+  const int chunk = ((ctx + p.n_splits - 1) / p.n_splits + kTile - 1) / kTile * kTile;
+  const int k_begin = split * chunk;
+  const int k_end = min(ctx, k_begin + chunk);
+  auto partial_index = [&](int r) {
+    return ((static_cast<int64_t>(b) * a.seq_len + r / p.group) * a.n_heads + h0 + r % p.group) * p.n_splits +
+           split;
+  };
+  if (k_begin >= k_end) {  // a split past the live context (n_splits > 1 only: split 0 always holds key 0)
+    for (int r = tid; r < p.rows; r += kThreads) p.part_lse[partial_index(r)] = -INFINITY;
+    return;
+  }
+
+  const __nv_bfloat16* k = a.k + b * a.kv_batch_stride + g * a.kv_head_stride;
+  const __nv_bfloat16* v = a.v + b * a.kv_batch_stride + g * a.kv_head_stride;
+  const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
+  auto load_kv = [&](int tile, int stage) {
+    const int j0 = k_begin + tile * kTile;
+    for (int c = tid; c < kTile * kChunks; c += kThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool valid = j0 + r < k_end;  // zero-fill past the slice: 0 * garbage could be NaN
+      const int64_t off = static_cast<int64_t>(j0 + r) * a.kv_seq_stride + col;
+      cp_async_16(s_k + (stage * kTile + r) * S + col, valid ? k + off : k, valid);
+      cp_async_16(s_v + (stage * kTile + r) * S + col, valid ? v + off : v, valid);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  // The group's heads are adjacent in q, so the rows of one token are contiguous.
+  for (int c = tid; c < p.rows * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const int64_t q_off =
+        ((static_cast<int64_t>(b) * a.seq_len + r / p.group) * a.n_heads + h0 + r % p.group) * D + col;
+    float f[8];
+    unpack8(*reinterpret_cast<const uint4*>(a.q + q_off), f);
+    *reinterpret_cast<float4*>(s_q + r * D + col) = make_float4(f[0], f[1], f[2], f[3]);
+    *reinterpret_cast<float4*>(s_q + r * D + col + 4) = make_float4(f[4], f[5], f[6], f[7]);
+  }
+  for (int r = tid; r < p.rows; r += kThreads) {
+    s_m[r] = -INFINITY;
+    s_l[r] = 0.0f;
+  }
+
+  // P.V roles: 8 output columns (chunk) x a row lane x a key slice.
+  const int chunk_col = (tid % kChunks) * 8;
+  const int row_lane = tid / kChunks / p.key_slices, key_slice = tid / kChunks % p.key_slices;
+  const bool pv_active = row_lane < p.row_lanes;
+  float acc[RPT][8];
+#pragma unroll
+  for (int u = 0; u < RPT; ++u) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+  }
+  // Softmax roles: lanes_per_row lanes (never straddling a warp) per row.
+  const int lpr = p.lanes_per_row;
+  const int sm_row = tid / lpr, sm_sub = tid % lpr;
+  const bool sm_active = sm_row < p.rows;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the tile just requested has landed
+    __syncthreads();
+    const __nv_bfloat16* k_s = s_k + (t & 1) * kTile * S;
+    const __nv_bfloat16* v_s = s_v + (t & 1) * kTile * S;
+    const int j0 = k_begin + t * kTile;
+
+    // Scores. Consecutive threads take consecutive keys of one row: the q reads are broadcasts and the padded
+    // K rows keep the 16-byte reads free of bank conflicts.
+    for (int pi = tid; pi < p.rows * kTile; pi += kThreads) {
+      const int r = pi / kTile, key = pi % kTile;
+      const float* qr = s_q + r * D;
+      const __nv_bfloat16* kr = k_s + key * S;
+      float dot = 0.0f;
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        float kf[8];
+        unpack8(*reinterpret_cast<const uint4*>(kr + c * 8), kf);
+        const float4 qa = *reinterpret_cast<const float4*>(qr + c * 8);
+        const float4 qb = *reinterpret_cast<const float4*>(qr + c * 8 + 4);
+        dot += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
+               qb.z * kf[6] + qb.w * kf[7];
+      }
+      const int j = j0 + key;
+      const bool visible = j < k_end && j <= start + r / p.group;
+      s_p[r * kTile + key] = visible ? dot * p.scale_log2 : -INFINITY;
+    }
+    __syncthreads();
+
+    // Online softmax. Every thread runs the shuffles (full-warp masks); only rows that exist touch memory.
+    {
+      float* pr = s_p + sm_row * kTile;
+      float mx = -INFINITY;
+      if (sm_active) {
+        for (int key = sm_sub; key < kTile; key += lpr) mx = fmaxf(mx, pr[key]);
+      }
+      for (int o = lpr / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_old = sm_active ? s_m[sm_row] : -INFINITY;
+      const float m_new = fmaxf(m_old, mx);
+      // A row sees no key at all in a slice that begins after its position: keep the base finite so that
+      // exp2(-inf - (-inf)) never makes a NaN; its probabilities and alpha then come out 0.
+      const float base = m_new == -INFINITY ? 0.0f : m_new;
+      float sum = 0.0f;
+      if (sm_active) {
+        for (int key = sm_sub; key < kTile; key += lpr) {
+          const float e = exp2f(pr[key] - base);
+          pr[key] = e;
+          sum += e;
+        }
+      }
+      for (int o = lpr / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (sm_active && sm_sub == 0) {  // the group's reads of s_m[sm_row] fed the shuffles above: done
+        const float alpha = exp2f(m_old - base);
+        s_alpha[sm_row] = alpha;
+        s_l[sm_row] = s_l[sm_row] * alpha + sum;
+        s_m[sm_row] = m_new;
+      }
+    }
+    __syncthreads();
+
+    if (pv_active) {
+#pragma unroll
+      for (int u = 0; u < RPT; ++u) {
+        const int r = row_lane + u * p.row_lanes;
+        if (r < p.rows) {
+          const float alpha = s_alpha[r];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) acc[u][e] *= alpha;
+        }
+      }
+      for (int key = key_slice; key < kTile; key += p.key_slices) {
+        float vf[8];
+        unpack8(*reinterpret_cast<const uint4*>(v_s + key * S + chunk_col), vf);
+#pragma unroll
+        for (int u = 0; u < RPT; ++u) {
+          const int r = row_lane + u * p.row_lanes;
+          if (r < p.rows) {
+            const float pk = s_p[r * kTile + key];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[u][e] += pk * vf[e];
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites the stage just read
+  }
+
+  if (p.key_slices > 1) {
+    // Key slices exist only with RPT == 1 (the plan picks the fewest rows per thread), so the partial sums,
+    // key_slices * rows * D floats <= 128 * 8 floats, fit in the now idle K buffers.
+    float* red = reinterpret_cast<float*>(s_k);
+    const int r = row_lane;
+    if (pv_active && key_slice > 0 && r < p.rows) {
+      float* dst = red + (static_cast<int64_t>(key_slice) * p.rows + r) * D + chunk_col;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = acc[0][e];
+    }
+    __syncthreads();
+    if (pv_active && key_slice == 0 && r < p.rows) {
+      for (int ks = 1; ks < p.key_slices; ++ks) {
+        const float* src = red + (static_cast<int64_t>(ks) * p.rows + r) * D + chunk_col;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[0][e] += src[e];
+      }
+    }
+  }
+  if (!pv_active || key_slice != 0) return;
+
+#pragma unroll
+  for (int u = 0; u < RPT; ++u) {
+    const int r = row_lane + u * p.row_lanes;
+    if (r >= p.rows) continue;
+    const int i = r / p.group, h = h0 + r % p.group;
+    const float l = s_l[r], m = s_m[r];
+    if (p.n_splits == 1) {  // the only split holds key 0: l > 0
+      const float inv = 1.0f / l;
+      uint4 packed;
+      __nv_bfloat162* h2 = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) h2[e] = __floats2bfloat162_rn(acc[u][2 * e] * inv, acc[u][2 * e + 1] * inv);
+      *reinterpret_cast<uint4*>(a.out + ((static_cast<int64_t>(b) * a.seq_len + i) * a.n_heads + h) * D +
+                                chunk_col) = packed;
+      if (a.lse != nullptr && chunk_col == 0) {
+        a.lse[(static_cast<int64_t>(b) * a.n_heads + h) * a.seq_len + i] = (m + log2f(l)) * kLn2;
+      }
+    } else {
+      const int64_t idx = partial_index(r);
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      float* dst = p.part_out + idx * D + chunk_col;
+      *reinterpret_cast<float4*>(dst) =
+          make_float4(acc[u][0] * inv, acc[u][1] * inv, acc[u][2] * inv, acc[u][3] * inv);
+      *reinterpret_cast<float4*>(dst + 4) =
+          make_float4(acc[u][4] * inv, acc[u][5] * inv, acc[u][6] * inv, acc[u][7] * inv);
+      if (chunk_col == 0) p.part_lse[idx] = l > 0.0f ? m + log2f(l) : -INFINITY;
+    }
+  }
+}
+
+// One warp per output row (b, i, h): out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s.
+template <int D>
+static __global__ void decode_attention_combine_kernel(const AttentionArgs<__nv_bfloat16> a, const float* part_out,
+                                                       const float* part_lse, int n_splits) {
+  constexpr int E = D / 32;  // columns per lane
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= static_cast<int64_t>(a.batch) * a.seq_len * a.n_heads) return;
+  const int lane = threadIdx.x % 32;
+  const float* lse = part_lse + row * n_splits;
+  float mx = -INFINITY;
+  for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, lse[s]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  // mx is finite: split 0 holds key 0, which every row sees.
+  float acc[E] = {};
+  float w_sum = 0.0f;
+  for (int s = 0; s < n_splits; ++s) {
+    const float ls = lse[s];
+    if (ls == -INFINITY) continue;  // an empty split: its partial output was never written
+    const float w = exp2f(ls - mx);
+    w_sum += w;
+    const float* po = part_out + (row * n_splits + s) * D + lane * E;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += w * po[e];
+  }
+  const float inv = 1.0f / w_sum;
+  __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(a.out + row * D + lane * E);
+#pragma unroll
+  for (int e = 0; e < E / 2; ++e) out[e] = __floats2bfloat162_rn(acc[2 * e] * inv, acc[2 * e + 1] * inv);
+  if (a.lse != nullptr && lane == 0) {
+    const int h = static_cast<int>(row % a.n_heads);
+    const int64_t bi = row / a.n_heads;  // b * seq_len + i
+    const int64_t b = bi / a.seq_len, i = bi % a.seq_len;
+    a.lse[(b * a.n_heads + h) * a.seq_len + i] = (mx + log2f(w_sum)) * kLn2;
+  }
+}
+
+namespace {
+
+// Smallest power of two >= n (n >= 1).
+int next_pow2(int n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+void check_shape(int batch, int seq_len, int n_heads, int n_kv_heads, int head_dim) {
+  QKD_CHECK(batch > 0 && seq_len > 0, "decode_attention: batch {} / seq_len {} must be positive", batch, seq_len);
+  QKD_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0,
+            "decode_attention: n_heads {} is not a positive multiple of n_kv_heads {}", n_heads, n_kv_heads);
+  QKD_CHECK(head_dim == 64 || head_dim == 128, "decode_attention: head_dim {} is not supported on CUDA (64 or 128)",
+            head_dim);
+  const int64_t rows = static_cast<int64_t>(n_heads / n_kv_heads) * seq_len;
+  QKD_CHECK(rows <= kMaxRows,
+            "decode_attention: (n_heads / n_kv_heads) * seq_len = {} * {} = {} query rows per kv head exceeds {}; "
+            "use attention_forward (prefill) for this step",
+            n_heads / n_kv_heads, seq_len, rows, kMaxRows);
+  QKD_CHECK(n_kv_heads <= 65535 && batch <= 65535, "decode_attention: n_kv_heads {} / batch {} exceed the grid",
+            n_kv_heads, batch);
+}
+
+template <int D, int RPT>
+void launch_split(const AttentionArgs<__nv_bfloat16>& a, const SplitParams& p, cudaStream_t stream) {
+  const size_t bytes = split_smem_bytes<D>(p.rows);
+  CUDA_CHECK(cudaFuncSetAttribute(decode_attention_split_kernel<D, RPT>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  const dim3 grid(p.n_splits, a.n_kv_heads, a.batch);
+  decode_attention_split_kernel<D, RPT><<<grid, kThreads, bytes, stream>>>(a, p);
+  KERNEL_CHECK();
+}
+
+template <int D>
+void launch(const AttentionArgs<__nv_bfloat16>& a, SplitParams p, cudaStream_t stream) {
+  constexpr int kGroups = kThreads / (D / 8);  // threads per 8-column chunk
+  // The fewest rows per thread that cover all rows: fewer rows per thread leaves threads for key slices.
+  int rpt = 1;
+  while ((p.rows + rpt - 1) / rpt > kGroups) rpt *= 2;
+  p.row_lanes = (p.rows + rpt - 1) / rpt;
+  p.key_slices = kGroups / p.row_lanes;
+  p.lanes_per_row = std::min(32, kThreads / next_pow2(p.rows));
+  switch (rpt) {
+    case 1: launch_split<D, 1>(a, p, stream); break;
+    case 2: launch_split<D, 2>(a, p, stream); break;
+    case 4: launch_split<D, 4>(a, p, stream); break;
+    case 8: launch_split<D, 8>(a, p, stream); break;
+    case 16: launch_split<D, 16>(a, p, stream); break;
+    default: fail("decode_attention: {} rows per thread is out of range (rows {})", rpt, p.rows);
+  }
+  if (p.n_splits > 1) {
+    constexpr int kRowsPerBlock = 4;  // one warp per output row
+    const int64_t rows = static_cast<int64_t>(a.batch) * a.seq_len * a.n_heads;
+    const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+    decode_attention_combine_kernel<D><<<blocks, 32 * kRowsPerBlock, 0, stream>>>(a, p.part_out, p.part_lse,
+                                                                                   p.n_splits);
+    KERNEL_CHECK();
+  }
+}
+
+}  // namespace
+
+DecodeAttentionPlan decode_attention_plan(int batch, int seq_len, int n_heads, int n_kv_heads, int head_dim,
+                                          int max_ctx) {
+  check_shape(batch, seq_len, n_heads, n_kv_heads, head_dim);
+  QKD_CHECK(max_ctx >= seq_len, "decode_attention_plan: max_ctx {} is smaller than seq_len {}", max_ctx, seq_len);
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  DecodeAttentionPlan plan;
+  plan.batch = batch;
+  plan.seq_len = seq_len;
+  plan.n_heads = n_heads;
+  plan.n_kv_heads = n_kv_heads;
+  plan.head_dim = head_dim;
+  plan.max_ctx = max_ctx;
+  // About two CTAs per SM: enough to cover the memory latency of one CTA's tile loads with another's math.
+  const int64_t work = static_cast<int64_t>(batch) * n_kv_heads;
+  int64_t n_splits = (2 * static_cast<int64_t>(sms) + work - 1) / work;
+  n_splits = std::min<int64_t>(n_splits, (max_ctx + kTile - 1) / kTile);  // at least a tile of keys each
+  n_splits = std::clamp<int64_t>(n_splits, 1, kMaxSplits);
+  plan.n_splits = static_cast<int>(n_splits);
+  if (plan.n_splits > 1) {
+    plan.workspace_bytes = static_cast<size_t>(batch) * seq_len * n_heads * plan.n_splits * (head_dim + 1) *
+                           sizeof(float);
+  }
+  return plan;
+}
+
+void decode_attention_forward(const AttentionArgs<__nv_bfloat16>& a, const DecodeAttentionPlan& plan,
+                              void* workspace, cudaStream_t stream) {
+  check_shape(a.batch, a.seq_len, a.n_heads, a.n_kv_heads, a.head_dim);
+  QKD_CHECK(a.n_heads == plan.n_heads && a.n_kv_heads == plan.n_kv_heads && a.head_dim == plan.head_dim,
+            "decode_attention_forward: heads {}/{} x head_dim {} differ from the plan's {}/{} x {}", a.n_heads,
+            a.n_kv_heads, a.head_dim, plan.n_heads, plan.n_kv_heads, plan.head_dim);
+  QKD_CHECK(a.batch <= plan.batch && a.seq_len <= plan.seq_len,
+            "decode_attention_forward: batch {} x seq_len {} exceeds the plan's {} x {}", a.batch, a.seq_len,
+            plan.batch, plan.seq_len);
+  QKD_CHECK(plan.n_splits >= 1 && plan.n_splits <= kMaxSplits, "decode_attention_forward: plan n_splits {} invalid",
+            plan.n_splits);
+  QKD_CHECK(plan.n_splits == 1 || workspace != nullptr,
+            "decode_attention_forward: the plan has {} splits and needs {} bytes of workspace, got null",
+            plan.n_splits, plan.workspace_bytes);
+  QKD_CHECK(a.kv_seq_stride >= a.head_dim && a.kv_head_stride >= a.head_dim && a.kv_batch_stride >= 0,
+            "decode_attention_forward: kv strides (batch {}, head {}, seq {}) are invalid for head_dim {}",
+            a.kv_batch_stride, a.kv_head_stride, a.kv_seq_stride, a.head_dim);
+  QKD_CHECK(a.kv_seq_stride % 8 == 0 && a.kv_head_stride % 8 == 0 && a.kv_batch_stride % 8 == 0,
+            "decode_attention_forward: kv strides (batch {}, head {}, seq {}) must be multiples of 8 (16-byte loads)",
+            a.kv_batch_stride, a.kv_head_stride, a.kv_seq_stride);
+  for (const void* ptr : {static_cast<const void*>(a.out), static_cast<const void*>(a.q),
+                          static_cast<const void*>(a.k), static_cast<const void*>(a.v),
+                          static_cast<const void*>(workspace)}) {
+    QKD_CHECK(reinterpret_cast<uintptr_t>(ptr) % 16 == 0, "decode_attention_forward: pointer {} is not 16-byte "
+              "aligned", ptr);
+  }
+  QKD_CHECK(std::isfinite(a.scale), "decode_attention_forward: scale {} is not finite", a.scale);
+  QKD_CHECK(a.start_pos != nullptr, "decode_attention_forward: start_pos is null");
+
+  SplitParams p{};
+  p.group = a.n_heads / a.n_kv_heads;
+  p.rows = p.group * a.seq_len;
+  p.n_splits = plan.n_splits;
+  p.scale_log2 = a.scale * kLog2e;
+  if (plan.n_splits > 1) {
+    // Laid out for the plan's largest step; a smaller step uses a prefix of each array.
+    p.part_out = static_cast<float*>(workspace);
+    p.part_lse = p.part_out + static_cast<size_t>(plan.batch) * plan.seq_len * plan.n_heads * plan.n_splits *
+                                  plan.head_dim;
+  }
+  if (a.head_dim == 64) {
+    launch<64>(a, p, stream);
+  } else {
+    launch<128>(a, p, stream);
+  }
+}
+
+}  // namespace qkd::cuda

@@ -1,0 +1,118 @@
+#include "runtime/eval.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/error.h"
+
+namespace qkd::runtime {
+
+namespace {
+
+bool is_blank(std::string_view line) {
+  return line.find_first_not_of(" \t\r\v\f") == std::string_view::npos;
+}
+
+std::string_view strip_newlines(std::string_view s) {
+  const size_t b = s.find_first_not_of("\r\n");
+  if (b == std::string_view::npos) return {};
+  const size_t e = s.find_last_not_of("\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+// Sum of NLL over rows of logits [n, vocab] predicting targets [n], each as a log-softmax in double.
+double sum_nll(const float* logits, const int32_t* targets, int n, int vocab) {
+  double total = 0.0;
+  for (int t = 0; t < n; ++t) {
+    const float* row = logits + static_cast<int64_t>(t) * vocab;
+    const double mx = *std::max_element(row, row + vocab);
+    double z = 0.0;
+    for (int v = 0; v < vocab; ++v) z += std::exp(row[v] - mx);
+    total += mx + std::log(z) - row[targets[t]];
+  }
+  return total;
+}
+
+}  // namespace
+
+std::vector<std::string_view> split_documents(std::string_view text) {
+  std::vector<std::string_view> docs;
+  size_t doc_begin = std::string_view::npos;  // start of the current run of non-blank lines
+  size_t doc_end = 0;                         // end of its last non-blank line
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t eol = text.find('\n', pos);
+    if (eol == std::string_view::npos) eol = text.size();
+    const std::string_view line = text.substr(pos, eol - pos);
+    if (is_blank(line)) {
+      if (doc_begin != std::string_view::npos) {
+        docs.push_back(strip_newlines(text.substr(doc_begin, doc_end - doc_begin)));
+        doc_begin = std::string_view::npos;
+      }
+    } else {
+      if (doc_begin == std::string_view::npos) doc_begin = pos;
+      doc_end = eol;
+    }
+    pos = eol + 1;
+  }
+  if (doc_begin != std::string_view::npos) docs.push_back(strip_newlines(text.substr(doc_begin, doc_end - doc_begin)));
+  return docs;
+}
+
+std::vector<int32_t> tokenize_documents(const Tokenizer& tok, std::span<const std::string_view> docs) {
+  std::vector<int32_t> stream;
+  for (std::string_view d : docs) {
+    const std::vector<int32_t> ids = tok.encode(d, /*add_bos=*/true, /*add_eos=*/true);
+    stream.insert(stream.end(), ids.begin(), ids.end());
+  }
+  return stream;
+}
+
+EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, const EvalProgress& progress) {
+  QKD_CHECK(ctx >= 1 && ctx <= model.ctx(), "evaluate: window length (-c) {} must be in [1, {}] (the model's context)",
+            ctx, model.ctx());
+  const int64_t n = static_cast<int64_t>(stream.size());
+  QKD_CHECK(n >= 2, "evaluate: the token stream has {} tokens; at least 2 are needed to score one", n);
+  const int vocab = model.config().vocab_size;
+  // Inputs are checked by the model; the last token is only ever a target, so check the whole stream here.
+  for (int64_t i = 0; i < n; ++i) {
+    QKD_CHECK(stream[i] >= 0 && stream[i] < vocab, "evaluate: token {} at stream index {} is outside the vocabulary (vocab_size {})",
+              stream[i], i, vocab);
+  }
+  const int64_t n_windows = (n - 2) / ctx + 1;  // window w starts at w * ctx and needs 2 tokens there
+  const int64_t full_windows = std::min(n_windows, (n - 1) / ctx);  // windows with all ctx + 1 tokens
+
+  const int64_t logits_cap = (int64_t{256} << 20) / (static_cast<int64_t>(ctx) * vocab * sizeof(float));
+  const int max_batch = static_cast<int>(std::clamp<int64_t>(logits_cap, 1, model.max_batch()));
+  std::vector<float> logits(static_cast<size_t>(max_batch) * ctx * vocab);
+  std::vector<int32_t> inputs(static_cast<size_t>(max_batch) * ctx);
+  std::vector<int32_t> targets(inputs.size());
+  const std::vector<int32_t> start_pos(max_batch, 0);
+
+  EvalResult r;
+  double total_nll = 0.0;
+  for (int64_t w = 0; w < n_windows;) {
+    // Full windows run together; the short last one runs alone with its own length.
+    const int64_t batch = w < full_windows ? std::min<int64_t>(max_batch, full_windows - w) : 1;
+    const int64_t begin = w * ctx;
+    const int len = static_cast<int>(std::min<int64_t>(ctx, n - 1 - begin));  // tokens predicted per window
+    for (int64_t b = 0; b < batch; ++b) {
+      const int32_t* x = stream.data() + begin + b * ctx;
+      std::copy(x, x + len, inputs.begin() + b * len);
+      std::copy(x + 1, x + 1 + len, targets.begin() + b * len);
+    }
+    const size_t used = static_cast<size_t>(batch) * len;
+    model.forward(std::span<const int32_t>(inputs.data(), used), static_cast<int>(batch), len,
+                  std::span<const int32_t>(start_pos.data(), batch), LogitsMode::All, logits.data());
+    total_nll += sum_nll(logits.data(), targets.data(), static_cast<int>(used), vocab);
+    r.n_tokens += static_cast<int64_t>(used);
+    w += batch;
+    if (progress) progress(w, n_windows);
+  }
+  r.n_windows = n_windows;
+  r.mean_nll = total_nll / static_cast<double>(r.n_tokens);
+  r.perplexity = std::exp(r.mean_nll);
+  return r;
+}
+
+}  // namespace qkd::runtime
