@@ -7,18 +7,17 @@
 //    tokens its N, so m = 1 wastes 7/8 of an n8 tile instead of 15/16 of an m16 one). A lane loads 32
 //    consecutive columns of a row; the four lanes of a quad (t = 0..3) hold four such pieces, and each k16 step
 //    contracts columns {32t + 4s + 0..3 : t} -- a permutation of k that the activations' B operand follows, so
-//    every operand is one contiguous 16-byte load and nothing is shuffled. The 8 warps of a block split k and
-//    meet in shared memory at the end. Each warp keeps two batches of loads in registers and issues the next
-//    batch before dequantizing the current one, so its loads stay in flight during the math; with 8 warps a
-//    4096-column row block is a single batch per warp, and all of a small matrix is requested at once.
+//    every operand is one contiguous 16-byte load and nothing is shuffled. The 4 warps of a block split k and
+//    meet in shared memory at the end; a block covers 16 or 32 rows, so 4096 rows give 128-256 blocks for 132
+//    SMs, and several blocks per SM keep enough loads in flight. A warp issues the loads of U chunks (weights,
+//    their scale codes and the matching x) before it dequantizes the first of them.
 //  - int4_gemm_kernel, the forward for m > 16 and every backward: a 128 x 128 output tile per block, k in steps
 //    of 64. Activations stream into a 3-stage shared-memory ring with cp.async; each thread loads one 16-byte
-//    piece of the weight tile two steps ahead into registers and dequantizes it to bf16 in shared memory
-//    between the mma steps of the current tile, and the 8 warps (64 x 32 each) read both operands with
-//    ldmatrix. The backward uses the same weight tile read through ldmatrix.trans, which hands out W's
-//    columns as the B operand.
+//    piece of the weight tile a step ahead into registers, dequantizes it to bf16 in shared memory, and the
+//    8 warps (64 x 32 each) read both operands with ldmatrix. The backward uses the same weight tile read
+//    through ldmatrix.trans, which hands out W's columns as the B operand.
 // Both are instantiated per scale storage type (int4_format.h: bf16 scales dequantize in bf16x2, fp16 ones in
-// fp32).
+// fp32). docs/int4-gemm-notes.md has the measurements, and the variants that lost.
 #include <cstdint>
 #include <cstring>
 
@@ -102,9 +101,9 @@ __device__ __forceinline__ void store_out(bf16* out, int64_t idx, float v, Accum
 
 // ------------------------------------------------------------------------------------------- decode GEMV
 
-constexpr int kGemvWarps = 8;
+constexpr int kGemvWarps = 4;
 constexpr int kGemvThreads = kGemvWarps * 32;
-constexpr int kGemvChunk = 128;  // columns a warp contracts per chunk: 4 lanes of a quad x 32
+constexpr int kGemvChunk = 128;  // columns a warp contracts per step: 4 lanes of a quad x 32
 
 struct GemvParams {
   bf16* y;        // [m, n]
@@ -114,8 +113,8 @@ struct GemvParams {
   Accumulate mode;
 };
 
-// NT: n8 token tiles (m <= 8 NT). RB: 16-row blocks per block, which share each load of x. U: chunks per
-// batch (a warp's batches cover chunks warp + kGemvWarps * i).
+// NT: n8 token tiles (m <= 8 NT). RB: 16-row blocks per block, which reuse one load of x. U: chunks whose
+// loads are all issued before the first is used (the loads in flight per warp).
 template <int NT, int RB, int U, ScaleType ST>
 __global__ void __launch_bounds__(kGemvThreads) int4_gemv_kernel(const GemvParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -125,27 +124,6 @@ __global__ void __launch_bounds__(kGemvThreads) int4_gemv_kernel(const GemvParam
   const int n_chunks = (k + kGemvChunk - 1) / kGemvChunk;
   const int64_t row_words = k / 8;
 
-  struct Batch {
-    uint4 w[U][RB][2];        // [chunk][row block][rows g, g + 8]: 32 columns each
-    uint32_t codes[U][RB][2];  // scale | min << 16 of those pieces' groups
-  };
-  // Loads past the last chunk or row are skipped and leave zeros (a zero scale makes the piece zero).
-  auto load = [&](Batch& b, int c0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int col = (c0 + u * kGemvWarps) * kGemvChunk + 32 * t;
-#pragma unroll
-      for (int rb = 0; rb < RB; ++rb)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + rb * 16 + h * 8 + g;
-          const bool ok = col < k && row < n;
-          b.w[u][rb][h] = ok ? load_stream(p.w.packed + row * row_words + col / 8) : make_uint4(0, 0, 0, 0);
-          b.codes[u][rb][h] = ok ? load_codes(p.w, row, col) : 0u;
-        }
-    }
-  };
-
   float acc[RB][NT][4];
 #pragma unroll
   for (int rb = 0; rb < RB; ++rb)
@@ -154,55 +132,56 @@ __global__ void __launch_bounds__(kGemvThreads) int4_gemv_kernel(const GemvParam
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[rb][j][e] = 0.0f;
 
-  auto compute = [&](const Batch& b, int c0) {
+  for (int c0 = warp; c0 < n_chunks; c0 += kGemvWarps * U) {
+    uint4 wq[U][RB][2];  // [chunk][row block][rows g, g + 8]: 32 columns each
+    uint4 xq[U][NT][4];  // [chunk][token tile][16-byte piece]: 32 columns of token 8j + g
+    uint32_t codes[U][RB][2];  // scale | min << 16 of those pieces' groups
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int col = (c0 + u * kGemvWarps) * kGemvChunk + 32 * t;
-      // x is read by every block, so it comes from L1/L2: loaded here, just before use, to save registers
-      uint4 xq[NT][4];  // 32 columns of token 8j + g
+      const bool col_ok = col < k;  // false past the last chunk too
+#pragma unroll
+      for (int rb = 0; rb < RB; ++rb)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = row0 + rb * 16 + h * 8 + g;
+          const bool ok = col_ok && row < n;
+          wq[u][rb][h] = ok ? load_stream(p.w.packed + row * row_words + col / 8) : make_uint4(0, 0, 0, 0);
+          codes[u][rb][h] = ok ? load_codes(p.w, row, col) : 0u;  // zero scale: a skipped piece is zero
+        }
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const int tok = j * 8 + g;
-        const bool ok = col < k && tok < p.m;
+        const bool ok = col_ok && tok < p.m;
         const uint4* src = reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(tok) * k + col);
 #pragma unroll
-        for (int q = 0; q < 4; ++q) xq[j][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
+        for (int q = 0; q < 4; ++q) xq[u][j][q] = ok ? __ldg(src + q) : make_uint4(0, 0, 0, 0);
       }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int rb = 0; rb < RB; ++rb) {
-        const dq::GroupConsts<ST> gc0 = consts_of<ST>(b.codes[u][rb][0], p.w.sym);
-        const dq::GroupConsts<ST> gc1 = consts_of<ST>(b.codes[u][rb][1], p.w.sym);
+        const dq::GroupConsts<ST> gc0 = consts_of<ST>(codes[u][rb][0], p.w.sym);
+        const dq::GroupConsts<ST> gc1 = consts_of<ST>(codes[u][rb][1], p.w.sym);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // word i: columns 8i .. 8i+7 of the lane's piece, two k16 steps
           bf162 lo[4], hi[4];          // rows g and g + 8
-          dq::dequant_word<ST>(word(b.w[u][rb][0], i), gc0, lo);
-          dq::dequant_word<ST>(word(b.w[u][rb][1], i), gc1, hi);
+          dq::dequant_word<ST>(word(wq[u][rb][0], i), gc0, lo);
+          dq::dequant_word<ST>(word(wq[u][rb][1], i), gc1, hi);
 #pragma unroll
           for (int j = 0; j < NT; ++j) {
             // a0/a2 = row g, columns +0..1 / +2..3 of the step; a1/a3 the same for row g + 8; b0/b1 match.
-            const uint4& xv = xq[j][i];
+            const uint4& xv = xq[u][j][i];
             mma_16816(acc[rb][j], as_u32(lo[0]), as_u32(hi[0]), as_u32(lo[1]), as_u32(hi[1]), xv.x, xv.y);
             mma_16816(acc[rb][j], as_u32(lo[2]), as_u32(hi[2]), as_u32(lo[3]), as_u32(hi[3]), xv.z, xv.w);
           }
         }
       }
-    }
-  };
-
-  // Two batches in turn: the next one's loads are issued before the current one is dequantized.
-  constexpr int kStep = kGemvWarps * U;
-  Batch a, b;
-  load(a, warp);
-  for (int c = warp; c < n_chunks; c += 2 * kStep) {
-    load(b, c + kStep);
-    compute(a, c);
-    if (c + kStep >= n_chunks) break;
-    load(a, c + 2 * kStep);
-    compute(b, c + kStep);
   }
 
-  // The warps hold partial sums over disjoint k ranges: add them in shared memory. Lane-minor layout, so each
-  // warp's writes and reads are conflict-free.
+  // The 4 warps hold partial sums over disjoint k ranges: add them in shared memory. Lane-minor layout, so
+  // each warp's writes and reads are conflict-free.
   constexpr int kOut = RB * NT * 4;
   __shared__ float red[kGemvWarps][kOut][32];
 #pragma unroll
@@ -239,7 +218,7 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
 
 constexpr int kBM = 128, kBN = 128, kBK = 64;  // output tile (tokens x outputs) and reduction step
 constexpr int kStages = 3;                     // cp.async ring depth for the activations
-constexpr int kGemmThreads = 256;              // 8 warps: 2 (tokens) x 4 (outputs), 64 x 32 each
+constexpr int kGemmThreads = 256;  // 8 warps: 2 (tokens) x 4 (outputs), 64 x 32 each; 2 blocks an SM
 constexpr int kAStride = kBK + 8;  // +16 bytes a row: ldmatrix's 8 row addresses then hit 8 different bank groups
 
 // The weight tile in shared memory is always [weight rows][weight columns], dequantized to bf16: forward
@@ -290,13 +269,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* 
 }
 
 template <bool kBackward, ScaleType ST>
-__global__ void __launch_bounds__(kGemmThreads) int4_gemm_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kGemmThreads, 2) int4_gemm_kernel(const GemmParams p) {
   using Tile = GemmTile<kBackward>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* a_smem = reinterpret_cast<bf16*>(smem_raw);   // [kStages][kBM][kAStride]
   bf16* w_smem = a_smem + kStages * Tile::kASize;     // [2][kWRows][kWStride]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t = lane & 3;
   const int warp_m = warp >> 2, warp_n = warp & 3;
   const int m0 = blockIdx.y * kBM, n0 = blockIdx.x * kBN;
   const int K = p.k_red, N = p.n_out;
@@ -353,17 +333,17 @@ __global__ void __launch_bounds__(kGemmThreads) int4_gemm_kernel(const GemmParam
     cp_async_commit();
   }
   load_w(0);
-  store_w(0);
-  if (k_tiles > 1) load_w(1);
 
   for (int kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<kStages - 2>();  // this thread's copies of step kt have landed
-    __syncthreads();               // everyone's copies and dequantized weights of step kt visible; kt-1 fully read
+    store_w(kt & 1);               // last read two steps ago, before the previous barrier
+    __syncthreads();               // everyone's copies and dequantized weights visible; step kt-1 fully read
     {
       const int next = kt + kStages - 1;  // refills the stage step kt-1 used
       if (next < k_tiles) load_a(next % kStages, next);
       cp_async_commit();
     }
+    if (kt + 1 < k_tiles) load_w(kt + 1);  // in flight during this step's math
 
     const bf16* a_tile = a_smem + (kt % kStages) * Tile::kASize;
     const bf16* w_tile = w_smem + (kt & 1) * Tile::kWSize;
@@ -398,18 +378,10 @@ __global__ void __launch_bounds__(kGemmThreads) int4_gemm_kernel(const GemmParam
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj)
           mma_16816(acc[mi][nj], af[mi][0], af[mi][1], af[mi][2], af[mi][3], bfrag[nj][0], bfrag[nj][1]);
-      // Between mma steps, dequantize the next tile into the other buffer (last read in step kt-1, which every
-      // thread finished before this step's barrier), and fetch the piece after it: the tensor cores keep
-      // working through the dequantization instead of waiting for it before the next barrier.
-      if (kk == 0 && kt + 1 < k_tiles) {
-        store_w((kt + 1) & 1);
-        if (kt + 2 < k_tiles) load_w(kt + 2);
-      }
     }
   }
 
   // accumulator e of tile (mi, nj): token row g (+8 for e >= 2), output column 2t (+1 for odd e)
-  const int g = lane >> 2, t = lane & 3;
   const bool pairs = N % 2 == 0;  // then an even column's pair is 4-byte aligned
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)

@@ -95,6 +95,9 @@ void gpt2_split(const std::vector<CodePoint>& cps, size_t begin, size_t end, std
 BpePreTokenizer bpe_pretokenizer_from_name(const std::string& source, std::string_view pre) {
   if (pre == "gpt2") return BpePreTokenizer::Gpt2;
   if (pre == "smollm") return BpePreTokenizer::DigitsThenGpt2;
+  if (pre.empty())
+    fail("{}: tokenizer.ggml.pre is absent (llama.cpp then uses its 'default' pre-tokenizer, which qkd does not "
+         "implement; smollm and gpt2 are)", source);
   fail("{}: tokenizer.ggml.pre '{}' is not a pre-tokenizer qkd implements (smollm and gpt2 are)", source, pre);
 }
 

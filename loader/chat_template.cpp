@@ -1,5 +1,7 @@
 #include "loader/chat_template.h"
 
+#include <cstdint>
+
 #include "kernels/error.h"
 
 namespace qkd {

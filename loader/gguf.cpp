@@ -488,20 +488,27 @@ ModelWeights load_gguf_model(const GgufFile& f) {
     QKD_CHECK(v == static_cast<uint64_t>(c.head_dim), "{}: key '{}' = {} differs from head_dim {} (qkd needs them equal)",
               path, key, v, c.head_dim);
   }
+  // The vocabulary is token_embd's row count (the logits' width); the tokenizer may have fewer tokens than a
+  // padded embedding, never more.
+  const GgufTensorInfo* embd = f.find_tensor("token_embd.weight");
+  QKD_CHECK(embd != nullptr, "{}: tensor 'token_embd.weight' is missing", path);
+  QKD_CHECK(embd->ne.size() == 2, "{}: tensor 'token_embd.weight' has {} dimensions, expected 2", path, embd->ne.size());
+  c.vocab_size = positive_int(f, "token_embd.weight", static_cast<uint64_t>(embd->ne[1]));
+  if (f.has("llama.vocab_size"))
+    QKD_CHECK(f.get_uint("llama.vocab_size") == static_cast<uint64_t>(c.vocab_size),
+              "{}: key 'llama.vocab_size' = {} differs from token_embd.weight's {} rows", path,
+              f.get_uint("llama.vocab_size"), c.vocab_size);
   const int64_t n_tokens = f.array_length("tokenizer.ggml.tokens");
-  if (n_tokens >= 0) {
-    c.vocab_size = positive_int(f, "tokenizer.ggml.tokens", static_cast<uint64_t>(n_tokens));
-  } else if (f.has("llama.vocab_size")) {
-    c.vocab_size = positive_int(f, "llama.vocab_size", f.get_uint("llama.vocab_size"));
-  } else {
-    const GgufTensorInfo* e = f.find_tensor("token_embd.weight");
-    QKD_CHECK(e != nullptr && e->ne.size() == 2, "{}: no vocabulary size (no tokenizer.ggml.tokens, llama.vocab_size "
-              "or 2-D token_embd.weight)", path);
-    c.vocab_size = positive_int(f, "token_embd.weight", static_cast<uint64_t>(e->ne[1]));
+  QKD_CHECK(n_tokens <= c.vocab_size, "{}: tokenizer.ggml.tokens has {} tokens, more than token_embd.weight's {} rows",
+            path, n_tokens, c.vocab_size);
+  if (f.has("tokenizer.ggml.bos_token_id")) {
+    const uint64_t bos = f.get_uint("tokenizer.ggml.bos_token_id");
+    QKD_CHECK(bos < static_cast<uint64_t>(c.vocab_size), "{}: key 'tokenizer.ggml.bos_token_id' = {} is not a token id",
+              path, bos);
+    c.bos_id = static_cast<int32_t>(bos);
   }
-  c.bos_id = static_cast<int32_t>(f.get_uint("tokenizer.ggml.bos_token_id", static_cast<uint64_t>(c.bos_id)));
-  if (n_tokens >= 0) c.eos_ids = gguf_end_of_generation_ids(f);
-  else if (f.has("tokenizer.ggml.eos_token_id")) c.eos_ids = {static_cast<int32_t>(f.get_uint("tokenizer.ggml.eos_token_id"))};
+  const std::vector<int32_t> eos = gguf_end_of_generation_ids(f);
+  if (!eos.empty()) c.eos_ids = eos;
 
   // llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.modify_tensors) applies LlamaModel.permute to
   // q_proj/k_proj: reshape(n_head, 2, rows/n_head/2, ...).swapaxes(1, 2), which turns Hugging Face's rotate-half

@@ -1,6 +1,7 @@
 #include "loader/gguf_tokenizer.h"
 
 #include <algorithm>
+#include <array>
 #include <queue>
 
 #include "kernels/error.h"
@@ -195,7 +196,25 @@ std::vector<int32_t> end_of_generation_ids(const GgufVocab& v) {
   return ids;
 }
 
-std::vector<int32_t> gguf_end_of_generation_ids(const GgufFile& f) { return end_of_generation_ids(read_gguf_vocab(f)); }
+std::vector<int32_t> gguf_end_of_generation_ids(const GgufFile& f) {
+  // Only what the end-of-generation set needs, so that a model whose tokenizer qkd cannot run still loads.
+  GgufVocab v;
+  const int64_t n = f.array_length("tokenizer.ggml.tokens");
+  if (n > 0) {
+    for (std::string_view t : f.get_string_array("tokenizer.ggml.tokens")) v.tokens.emplace_back(t);
+    if (f.array_length("tokenizer.ggml.token_type") == n) {
+      for (int64_t t : f.get_int_array("tokenizer.ggml.token_type")) v.types.push_back(static_cast<TokenType>(t));
+    } else {
+      v.types.assign(v.tokens.size(), TokenType::Normal);
+    }
+  }
+  const size_t limit = n > 0 ? static_cast<size_t>(n) : size_t{1} << 30;
+  const bool spm = f.get_string("tokenizer.ggml.model", "") == "llama";
+  v.eos_id = token_id(f, "tokenizer.ggml.eos_token_id", spm ? 2 : -1, limit);
+  v.eot_id = token_id(f, "tokenizer.ggml.eot_token_id", -1, limit);
+  v.eom_id = token_id(f, "tokenizer.ggml.eom_token_id", -1, limit);
+  return end_of_generation_ids(v);
+}
 
 VocabTokenizer::VocabTokenizer(GgufVocab vocab) : vocab_(std::move(vocab)), specials_by_first_byte_(256) {
   for (size_t id = 0; id < vocab_.tokens.size(); ++id) {

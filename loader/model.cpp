@@ -7,18 +7,18 @@
 #include <fstream>
 
 #include "kernels/error.h"
+#include "loader/gguf.h"
 #include "loader/hf_checkpoint.h"
+#include "loader/int4_checkpoint.h"
 #include "loader/llama2c.h"
 
 namespace qkd {
 
-// Declared in loader/gguf.h once the GGUF loader exists; until then this placeholder names what is missing.
-ModelWeights load_gguf_model(const std::string& path);
-ModelWeights load_gguf_model(const std::string& path) { fail("{}: is a GGUF file, but GGUF support is not built", path); }
-
 ModelWeights load_model(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
+  // Before the HF check: a qkd int4 checkpoint directory has a config.json too.
+  if (is_int4_checkpoint(path)) return load_int4_checkpoint(path);
   if (fs::is_directory(path, ec)) {
     QKD_CHECK(fs::exists(fs::path(path) / "config.json"),
               "{}: a directory without config.json is not a Hugging Face checkpoint", path);

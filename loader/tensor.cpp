@@ -1,5 +1,6 @@
 #include "loader/tensor.h"
 
+#include <climits>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -7,6 +8,7 @@
 
 #include "kernels/dtype.h"
 #include "kernels/error.h"
+#include "kernels/int4_gemm.h"
 #include "loader/ggml_quants.h"
 
 namespace qkd {
@@ -20,6 +22,7 @@ const char* dtype_name(DType t) {
     case DType::Q8_0: return "Q8_0";
     case DType::Q4_0: return "Q4_0";
     case DType::Q4_1: return "Q4_1";
+    case DType::I4: return "I4";
   }
   return "unknown";
 }
@@ -31,6 +34,23 @@ int64_t TensorView::numel() const {
 }
 
 std::string TensorView::shape_str() const { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+Int4Weight TensorView::int4_weight() const {
+  QKD_CHECK(dtype == DType::I4, "tensor '{}': dtype {} is not the int4 format (I4)", name, dtype_name(dtype));
+  QKD_CHECK(shape.size() == 2 && shape[0] > 0 && shape[0] <= INT_MAX && shape[1] > 0 && shape[1] <= INT_MAX,
+            "tensor '{}': int4 shape {} must be [n, k] with positive 32-bit sizes", name, shape_str());
+  const Int4Weight w{reinterpret_cast<const uint32_t*>(data), int4.scales, int4.mins, static_cast<int>(shape[0]),
+                     static_cast<int>(shape[1]), int4.group_size, int4.sym, int4.scale_type};
+  int4_check(w, name.c_str());
+  QKD_CHECK(nbytes == static_cast<size_t>(int4_packed_bytes(w.n, w.k)),
+            "tensor '{}': int4 {} needs {} packed bytes, the view has {}", name, shape_str(),
+            int4_packed_bytes(w.n, w.k), nbytes);
+  // The int4 readers dereference the words and codes directly.
+  QKD_CHECK(reinterpret_cast<uintptr_t>(data) % 4 == 0 && reinterpret_cast<uintptr_t>(int4.scales) % 2 == 0 &&
+                reinterpret_cast<uintptr_t>(int4.mins) % 2 == 0,
+            "tensor '{}': int4 buffers are misaligned (packed words need 4 bytes, scales and mins 2)", name);
+  return w;
+}
 
 // 16- and 32-bit values are read with memcpy: a view into a file need not be aligned to its dtype (a safetensors
 // data section starts wherever the JSON header ends).
@@ -44,6 +64,10 @@ static void convert_dense(const std::byte* src, int64_t n, float* out, Convert c
 }
 
 void to_f32(const TensorView& t, float* out) {
+  if (t.dtype == DType::I4) {
+    cpu::dequantize_int4(t.int4_weight(), out);
+    return;
+  }
   const int64_t n = t.numel();
   const bool blocked = t.dtype == DType::Q8_0 || t.dtype == DType::Q4_0 || t.dtype == DType::Q4_1;
   // Block formats quantize each row separately, so a row (the last dim) is the unit of dequantization.
@@ -71,6 +95,7 @@ void to_f32(const TensorView& t, float* out) {
       for (int64_t r = 0; r < n_rows; ++r) dequantize_blocks(t.dtype, t.data + r * row_bytes, row_len, out + r * row_len);
       return;
     }
+    case DType::I4: break;  // dequantized at the top: its byte count is not a row size
   }
   fail("tensor '{}': to_f32 does not know dtype {}", t.name, static_cast<int>(t.dtype));
 }

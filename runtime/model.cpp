@@ -4,9 +4,11 @@
 #include <cstdio>
 #include <numbers>
 
+#include <cuda_runtime.h>
 #include <fmt/core.h>
 
 #include "kernels/error.h"
+#include "kernels/sampling.h"
 
 namespace qkd::runtime {
 
@@ -29,11 +31,36 @@ const char* backend_name(BackendKind k) {
 std::unique_ptr<Model> make_model(const ModelWeights& w, const ModelOptions& opt) {
   switch (opt.backend) {
     case BackendKind::Cpu: return make_cpu_model(w, opt);
-    case BackendKind::Cuda: fail("--backend cuda: the CUDA backend is not built into this binary yet");
+    case BackendKind::Cuda: return make_cuda_model(w, opt);
     case BackendKind::Auto: break;
   }
-  std::fprintf(stderr, "qkd: no CUDA backend available; using the CPU\n");
-  return make_cpu_model(w, opt);
+  int devices = 0;
+  const cudaError_t err = cudaGetDeviceCount(&devices);
+  if (err != cudaSuccess || devices == 0) {
+    cudaGetLastError();  // a failed device query leaves its error behind; later checks must not see it
+    std::fprintf(stderr, "qkd: no CUDA device found (%s); using the CPU\n",
+                 err != cudaSuccess ? cudaGetErrorString(err) : "0 devices");
+    return make_cpu_model(w, opt);
+  }
+  try {
+    return make_cuda_model(w, opt);
+  } catch (const Error& e) {  // e.g. a shape the CUDA kernels do not take, or too little GPU memory
+    std::fprintf(stderr, "qkd: the CUDA backend cannot take this model (%s); using the CPU\n", e.what());
+    return make_cpu_model(w, opt);
+  }
+}
+
+void Model::forward_sample(std::span<const int32_t> tokens, int batch, int seq_len,
+                           std::span<const int32_t> start_pos, const TokenPick& pick, std::span<const float> uniform,
+                           int32_t* next) {
+  const bool greedy = pick.temperature <= 0.0f || pick.top_k == 1;
+  QKD_CHECK(greedy || uniform.size() >= static_cast<size_t>(batch),
+            "forward_sample: {} uniform draws given for batch {}", uniform.size(), batch);
+  const int vocab = config().vocab_size;
+  std::vector<float> logits(static_cast<size_t>(batch) * vocab);
+  forward(tokens, batch, seq_len, start_pos, LogitsMode::Last, logits.data());
+  cpu::sampling_forward({next, logits.data(), greedy ? nullptr : uniform.data(), batch, vocab, vocab,
+                         pick.temperature, pick.top_k, pick.top_p});
 }
 
 std::vector<float> rope_inv_freq(const ModelConfig& c) {

@@ -21,6 +21,23 @@ struct ModelOptions {
   int max_batch = 1;
   int ctx = 0;  // KV-cache length per sequence; 0 = the model's max_seq_len
   BackendKind backend = BackendKind::Auto;
+  // CUDA only. > 0: linear weights stored dense (F32/F16/BF16, GGUF Q8_0) are quantized at load to symmetric
+  // int4 with this group size (32, 64 or 128; kernels/int4_format.h, bf16 scales, round to nearest), for models
+  // and benchmarks that have no int4 checkpoint. A weight whose input width is not a multiple of the group size
+  // stays bf16. Weights that are int4 already (qkd int4, GGUF Q4_0/Q4_1) keep their own format; embeddings and
+  // the LM head always stay bf16. 0: dense weights stay bf16.
+  int quantize_group = 0;
+  // CUDA only: replay decode steps (seq_len 1) from a CUDA graph captured once per batch size. false launches
+  // every kernel of the step one by one (same result; for checking the graph and for debugging).
+  bool cuda_graph = true;
+};
+
+// How forward_sample picks each sequence's next token: the rule of kernels/sampling.h, which the CPU twin and
+// the GPU kernel follow bit for bit (greedy when temperature <= 0 or top_k == 1).
+struct TokenPick {
+  float temperature = 0.0f;
+  int top_k = 1;       // 1..kSamplingMaxTopK (kernels/sampling.h)
+  float top_p = 1.0f;  // (0, 1]
 };
 
 class Model {
@@ -37,12 +54,23 @@ class Model {
   // for LogitsMode::All, fp32, on the host. Throws if start_pos[b] + seq_len > ctx() or batch > max_batch().
   virtual void forward(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos,
                        LogitsMode mode, float* logits) = 0;
+
+  // forward(..., LogitsMode::Last) followed by the choice of each sequence's next token by `pick`: next[b] for
+  // b < batch. uniform holds one draw in [0, 1) per sequence (it may be empty when the pick is greedy). The
+  // default runs forward() and the CPU twin of kernels/sampling.h on the host logits; the CUDA backend samples
+  // on the device and copies only the token ids back.
+  virtual void forward_sample(std::span<const int32_t> tokens, int batch, int seq_len,
+                              std::span<const int32_t> start_pos, const TokenPick& pick,
+                              std::span<const float> uniform, int32_t* next);
 };
 
 // Builds the model on the requested backend. Auto picks CUDA when a GPU and the CUDA backend are available,
 // otherwise the CPU with a note on stderr.
 std::unique_ptr<Model> make_model(const ModelWeights& w, const ModelOptions& opt);
 std::unique_ptr<Model> make_cpu_model(const ModelWeights& w, const ModelOptions& opt);
+// The CUDA backend (runtime/cuda_model.h has its benchmark interface). Throws qkd::Error when no CUDA device is
+// present or the model does not fit in the GPU's free memory.
+std::unique_ptr<Model> make_cuda_model(const ModelWeights& w, const ModelOptions& opt);
 
 // RoPE inverse frequencies [head_dim/2] for a config, with its scaling applied (kernels/rope.h).
 std::vector<float> rope_inv_freq(const ModelConfig& c);

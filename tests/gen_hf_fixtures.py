@@ -2,7 +2,7 @@
 """Writes the Hugging Face reference fixtures that qkd's CPU tests compare against.
 
 Run on the GPU machine, where transformers, torch and sentencepiece are installed:
-    python3 tests/gen_hf_fixtures.py --shared <dir with teacher-25m, stories260K, corpora> --out <dir>
+    python3 tests/gen_hf_fixtures.py --shared <a copy of ../shared/data: models/, corpora/> --out <dir>
 Everything written is small and committed under tests/fixtures/hf/.
 
 Fixtures:
@@ -68,7 +68,7 @@ def split_documents(text):
 
 def teacher(shared, out):
     import sentencepiece as spm
-    tdir = os.path.join(shared, "teacher-25m")
+    tdir = os.path.join(shared, "models", "teacher-25m")
     sp = spm.SentencePieceProcessor(model_file=os.path.join(tdir, "tokenizer.model"))
     model = LlamaForCausalLM.from_pretrained(tdir, dtype=torch.float32).eval()
     text = "once upon a time, there was a little girl named lily. she loved to play outside in the park"
@@ -108,7 +108,7 @@ def teacher(shared, out):
 
 def stories260k(shared, out):
     # llama2.c legacy checkpoint -> HF, the way Meta->HF conversion permutes q/k for rotate-half RoPE.
-    path = os.path.join(shared, "stories260K", "stories260K.bin")
+    path = os.path.join(shared, "models", "stories260K", "stories260K.bin")
     raw = open(path, "rb").read()
     dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", raw[:28])
     shared_cls = vocab > 0
@@ -170,7 +170,7 @@ def stories260k(shared, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", required=True, help="folder holding teacher-25m/, stories260K/, corpora/")
+    ap.add_argument("--shared", required=True, help="../shared/data or a copy: models/teacher-25m, models/stories260K, corpora/tinystories")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)

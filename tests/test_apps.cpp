@@ -8,6 +8,7 @@
 #include <string>
 
 #include <nlohmann/json.hpp>
+#include <csignal>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -170,4 +171,59 @@ TEST_CASE("qkd-eval bad input") {
   Run m = run("qkd-eval", "-m x --text /nonexistent.txt");
   CHECK(m.code == 1);
   CHECK(m.err.find("/nonexistent.txt") != std::string::npos);
+}
+
+TEST_CASE("qkd-run REPL: Ctrl-C stops the reply and the session goes on; babyllama writes words") {
+  QKD_REQUIRE_SHARED_DATA();
+  // Drive the REPL through pipes: one long reply, SIGINT once it streams, then a second turn and EOF.
+  int in_pipe[2], out_pipe[2], err_pipe[2];
+  REQUIRE(pipe(in_pipe) == 0);
+  REQUIRE(pipe(out_pipe) == 0);
+  REQUIRE(pipe(err_pipe) == 0);
+  const std::string bin = qkd::test::bin_dir() + "/qkd-run";
+  const std::string model = teacher();
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    dup2(in_pipe[0], 0);
+    dup2(out_pipe[1], 1);
+    dup2(err_pipe[1], 2);
+    for (int fd : {in_pipe[0], in_pipe[1], out_pipe[0], out_pipe[1], err_pipe[0], err_pipe[1]}) close(fd);
+    execl(bin.c_str(), bin.c_str(), "-m", model.c_str(), "--backend", "cpu", "-n", "-1", "--seed", "1", nullptr);
+    _exit(127);
+  }
+  close(in_pipe[0]);
+  close(out_pipe[1]);
+  close(err_pipe[1]);
+  const std::string turn1 = "once upon a time\n";
+  REQUIRE(write(in_pipe[1], turn1.data(), turn1.size()) == static_cast<ssize_t>(turn1.size()));
+  std::string out;
+  char buf[4096];
+  while (out.size() < 40) {  // the reply is streaming
+    const ssize_t n = read(out_pipe[0], buf, sizeof buf);
+    REQUIRE(n > 0);
+    out.append(buf, static_cast<size_t>(n));
+  }
+  REQUIRE(kill(pid, SIGINT) == 0);
+  const std::string turn2 = "the lord said\n";
+  REQUIRE(write(in_pipe[1], turn2.data(), turn2.size()) == static_cast<ssize_t>(turn2.size()));
+  close(in_pipe[1]);  // EOF after the second turn: the REPL exits cleanly
+  for (ssize_t n; (n = read(out_pipe[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  std::string err;
+  for (ssize_t n; (n = read(err_pipe[0], buf, sizeof buf)) > 0;) err.append(buf, static_cast<size_t>(n));
+  int status = 0;
+  waitpid(pid, &status, 0);
+  INFO(err);
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(err.find("[reply stopped]") != std::string::npos);
+  close(out_pipe[0]);
+  close(err_pipe[0]);
+
+  // The smaller llama2.c model, greedily: real English words, printable text.
+  Run r = run("qkd-run", "-m " + qkd::test::shared_data() + "/models/babyllama-tok105/model.bin --backend cpu --temp 0 "
+                         "-n 60 -p 'Once upon a time'");
+  REQUIRE(r.code == 0);
+  for (const char* word : {" a ", " was ", " to ", "."}) CHECK(r.out.find(word) != std::string::npos);
+  for (char c : r.out) CHECK((c == '\n' || (c >= 32 && c < 127)));
 }

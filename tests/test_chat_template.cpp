@@ -1,5 +1,6 @@
 // Chat templates against what transformers' apply_chat_template renders for the real templates
 // (tests/gen_bpe_fixtures.py wrote tests/fixtures/bpe/chat_templates.json).
+#include <algorithm>
 #include <string>
 #include <vector>
 

@@ -333,8 +333,9 @@ TEST_CASE("bad files give one precise error each, never a crash") {
   }
   SUBCASE("corrupted bytes in the metadata and tensor infos: an error or a valid file, never a crash") {
     const std::string whole = read_text_file(fixture("tiny-llama.gguf"));
-    const size_t meta_end = static_cast<size_t>(GgufFile::open(fixture("tiny-llama.gguf")).tensors()[0].data -
-                                                GgufFile::open(fixture("tiny-llama.gguf")).mapping()->data());
+    const GgufFile good = GgufFile::open(fixture("tiny-llama.gguf"));
+    const size_t meta_end = static_cast<size_t>(good.tensors()[0].data - good.mapping()->data());
+    REQUIRE(meta_end < whole.size());
     uint64_t state = 12345;
     auto next = [&] { return state = state * 6364136223846793005ull + 1442695040888963407ull; };
     int failures = 0;
@@ -445,8 +446,10 @@ TEST_CASE("bad files give one precise error each, never a crash") {
       return b.pad_to(32).zeros(offset).b;
     };
     CHECK(has(model_error(dir.write("noembd.gguf", llama({}))), "noembd.gguf: tensor 'token_embd.weight' is missing"));
-    CHECK(has(model_error(dir.write("shape.gguf", llama({{"token_embd.weight", {32, 9}}}))),
-              "tensor 'token_embd.weight' has shape [9, 32], expected [8, 32]"));
+    CHECK(has(model_error(dir.write("vocab.gguf", llama({{"token_embd.weight", {32, 9}}}))),
+              "vocab.gguf: key 'llama.vocab_size' = 8 differs from token_embd.weight's 9 rows"));
+    CHECK(has(model_error(dir.write("shape.gguf", llama({{"token_embd.weight", {48, 8}}}))),
+              "tensor 'token_embd.weight' has shape [8, 48], expected [8, 32]"));
     CHECK(has(model_error(dir.write("noq.gguf", llama({{"token_embd.weight", {32, 8}}, {"blk.0.attn_norm.weight", {32}}}))),
               "tensor 'blk.0.attn_q.weight' is missing"));
     std::vector<std::pair<std::string, std::vector<uint64_t>>> full = {

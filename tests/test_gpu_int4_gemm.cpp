@@ -211,6 +211,21 @@ TEST_CASE("int4 on Llama-2-7B shapes") {
   check_case({7, 4096, 4096, 64, Int4Symmetry::Symmetric, ScaleType::FP16, false, Accumulate::Overwrite});
   check_case({512, 1024, 4096, 128, Int4Symmetry::Symmetric, ScaleType::BF16, false, Accumulate::Overwrite});
   check_case({300, 4096, 1024, 128, Int4Symmetry::Symmetric, ScaleType::BF16, true, Accumulate::Add});
+  // per-channel asymmetric fp16: the case where rounding fp16 scales/mins to bf16 on the device would bias rows
+  check_case({2, 1024, 11008, 11008, Int4Symmetry::Asymmetric, ScaleType::FP16, false, Accumulate::Overwrite});
+  check_case({40, 512, 4096, 4096, Int4Symmetry::Asymmetric, ScaleType::FP16, true, Accumulate::Overwrite});
+}
+
+TEST_CASE("int4 GEMV over long rows: several load batches per warp, a partial last one") {
+  int index = 0;
+  for (int m : {1, 3, 8, 16}) {
+    const Accumulate mode = index % 2 == 0 ? Accumulate::Overwrite : Accumulate::Add;
+    const Int4Symmetry sym = index % 3 == 0 ? Int4Symmetry::Asymmetric : Int4Symmetry::Symmetric;
+    const ScaleType st = index % 4 < 2 ? ScaleType::BF16 : ScaleType::FP16;
+    ++index;
+    check_case({m, 1000, 5120, 128, sym, st, false, mode});  // 40 chunks of 128 columns
+    check_case({m, 200, 11008, 32, sym, st, false, mode});   // 86 chunks
+  }
 }
 
 TEST_CASE("int4 CUDA launchers reject bad arguments with the offending value") {

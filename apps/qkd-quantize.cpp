@@ -1,0 +1,110 @@
+// qkd-quantize: round-to-nearest int4 quantization of an HF, llama2.c or GGUF model into a qkd int4 checkpoint
+// directory (loader/int4_checkpoint.h), or with --format gguf into a GGUF Q4_0 / Q4_1 file (loader/gguf_writer.h).
+// Prints each module's relative RMS quantization error to stderr.
+#include <cstdio>
+#include <optional>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "apps/cli.h"
+#include "apps/model_setup.h"
+#include "kernels/error.h"
+#include "loader/gguf_writer.h"
+#include "loader/int4_checkpoint.h"
+
+namespace {
+
+int parse_group_size(const std::string& s) {
+  if (s == "channel") return qkd::kInt4PerChannel;
+  if (s == "32" || s == "64" || s == "128") return std::stoi(s);
+  throw qkd::cli::UsageError(fmt::format("--group-size: '{}' is not 32, 64, 128 or channel", s));
+}
+
+void print_summary(const qkd::Int4Quantized& q, const std::string& group) {
+  const qkd::Int4Params& p = q.params;
+  std::fprintf(stderr, "qkd-quantize: int4, group %s, %s, %s scales, modules %s\n", group.c_str(),
+               p.sym == qkd::Int4Symmetry::Symmetric ? "symmetric" : "asymmetric",
+               p.scale_type == qkd::ScaleType::BF16 ? "bf16" : "fp16", qkd::format_int4_modules(p.modules).c_str());
+  std::fprintf(stderr, "qkd-quantize: %-8s %8s %10s %12s\n", "module", "tensors", "params", "rel_rms_err");
+  for (const qkd::Int4ModuleError& e : q.errors)
+    std::fprintf(stderr, "qkd-quantize: %-8s %8d %10s %12.6f\n", qkd::int4_module_name(e.module), e.tensors,
+                 qkd::cli::format_count(static_cast<double>(e.params)).c_str(), e.rel_rms());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return qkd::cli::run_app("qkd-quantize", [&] {
+    std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down";
+    std::optional<std::string> group, scale_type;
+    bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false;
+    qkd::cli::ArgParser p("qkd-quantize",
+                          "Round-to-nearest int4 quantization of a model into a qkd int4 checkpoint directory "
+                          "(or a GGUF Q4_0/Q4_1 file with --format gguf).");
+    p.add("-m,--model", &model, "PATH", "the model: an HF directory, a llama2.c .bin or a .gguf");
+    p.add("-o,--output", &out, "PATH", "the checkpoint directory (qkd) or file (gguf) to write");
+    p.add("--format", &format, "qkd|gguf", "qkd int4 checkpoint, or GGUF Q4_0 (--sym) / Q4_1 (--asym)");
+    p.add("--group-size", &group, "32|64|128|channel", "columns per scale (default 128; gguf: 32)");
+    p.add_switch("--sym", &sym, "symmetric groups: a scale each (the default)");
+    p.add_switch("--asym", &asym, "asymmetric groups: a scale and a min each");
+    p.add("--scale-type", &scale_type, "bf16|fp16", "storage type of scales and mins (default bf16; gguf: fp16)");
+    p.add("--modules", &modules, "LIST", "linear modules to quantize, from q,k,v,o,gate,up,down");
+    p.add_switch("--quantize-embeddings", &quantize_embeddings, "quantize the token embeddings too");
+    p.add_switch("--quantize-lm-head", &quantize_lm_head, "quantize the LM head too");
+    p.add_switch("--force", &force, "replace an existing output (only a qkd checkpoint or a GGUF file)");
+    if (!p.parse(argc, argv)) return 0;
+
+    if (model.empty()) throw qkd::cli::UsageError("-m PATH is required");
+    if (out.empty()) throw qkd::cli::UsageError("-o PATH is required");
+    if (format != "qkd" && format != "gguf")
+      throw qkd::cli::UsageError(fmt::format("--format: '{}' is not qkd or gguf", format));
+    if (sym && asym) throw qkd::cli::UsageError("--sym and --asym exclude each other");
+    const bool gguf = format == "gguf";
+    qkd::Int4Params params;
+    params.sym = asym ? qkd::Int4Symmetry::Asymmetric : qkd::Int4Symmetry::Symmetric;
+    const std::string group_text = group.value_or(gguf ? "32" : "128");
+    params.group_size = parse_group_size(group_text);
+    const std::string scale_text = scale_type.value_or(gguf ? "fp16" : "bf16");
+    if (scale_text != "bf16" && scale_text != "fp16")
+      throw qkd::cli::UsageError(fmt::format("--scale-type: '{}' is not bf16 or fp16", scale_text));
+    params.scale_type = scale_text == "bf16" ? qkd::ScaleType::BF16 : qkd::ScaleType::FP16;
+    if (gguf && (params.group_size != 32 || params.scale_type != qkd::ScaleType::FP16))
+      throw qkd::cli::UsageError(fmt::format("--format gguf writes Q4_0/Q4_1, which are group 32 with fp16 scales; "
+                                             "--group-size {} --scale-type {} cannot be stored there",
+                                             group_text, scale_text));
+    try {
+      params.modules = qkd::parse_int4_modules(modules, "--modules");
+    } catch (const qkd::Error& e) {
+      throw qkd::cli::UsageError(e.what());
+    }
+    if ((params.modules & qkd::kInt4LinearModules) == 0) throw qkd::cli::UsageError("--modules: nothing to quantize");
+    if (quantize_embeddings) params.modules |= qkd::int4_module_bit(qkd::Int4Module::Embed);
+    if (quantize_lm_head) params.modules |= qkd::int4_module_bit(qkd::Int4Module::LmHead);
+    const qkd::Overwrite overwrite = force ? qkd::Overwrite::Replace : qkd::Overwrite::Refuse;
+
+    // Before the slow part: a refused output should not cost a quantization run.
+    if (gguf) {
+      qkd::check_gguf_output(out, overwrite);
+    } else {
+      qkd::check_int4_output(out, overwrite);
+    }
+    const qkd::ModelWeights src = qkd::load_model(model);
+    std::fprintf(stderr, "qkd-quantize: model %s (%s, dim %d, %d layers, vocab %d)\n", model.c_str(),
+                 src.format.c_str(), src.config.dim, src.config.n_layers, src.config.vocab_size);
+    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, params);
+    print_summary(q, group_text);
+
+    if (gguf) {
+      qkd::export_gguf(out, q, overwrite);
+    } else {
+      const std::vector<std::string> companions = qkd::int4_companion_files(src);
+      qkd::write_int4_checkpoint(out, q, companions, overwrite);
+      if (companions.empty() && q.source_format != "gguf")
+        std::fprintf(stderr, "qkd-quantize: warning: no tokenizer found beside %s; the checkpoint has none (give "
+                             "qkd-run --tokenizer PATH)\n", model.c_str());
+    }
+    std::fprintf(stderr, "qkd-quantize: wrote %s\n", out.c_str());
+    return 0;
+  });
+}
