@@ -1,10 +1,12 @@
 #include "apps/model_setup.h"
 
 #include <cstdio>
+#include <filesystem>
 
 #include <fmt/format.h>
 
 #include "kernels/error.h"
+#include "loader/gguf.h"
 
 namespace qkd::cli {
 
@@ -25,12 +27,21 @@ static double count_params(const ModelWeights& w) {
 }
 
 LoadedApp load_for_app(const char* prog, const ModelFlags& flags, int default_ctx, int max_batch) {
-  if (flags.model.empty()) throw UsageError("no model given: pass -m PATH (an HF directory, a llama2.c .bin or a .gguf)");
+  ModelFlags f = flags;
+  if (f.model.empty()) {
+    f.model = default_model_path();
+    if (f.model.empty() || !std::filesystem::is_regular_file(f.model))
+      throw UsageError(fmt::format("no model given (-m PATH), and the default model is not at {}: run "
+                                   "tools/fetch-default-model.sh to download it",
+                                   f.model.empty() ? "~/.cache/qkd/models" : f.model));
+    std::fprintf(stderr, "%s: no -m given: using the default model SmolLM2-135M-Instruct (GGUF Q4_1), %s\n", prog,
+                 f.model.c_str());
+  }
   const runtime::BackendKind backend = runtime::parse_backend(flags.backend);
   if (flags.ctx < 0) throw UsageError(fmt::format("-c/--ctx: {} is negative", flags.ctx));
 
   LoadedApp app;
-  app.bundle = load_bundle(flags.model, flags.tokenizer);
+  app.bundle = load_bundle(f.model, f.tokenizer);
   const ModelConfig& c = app.bundle.weights.config;
   int ctx = flags.ctx > 0 ? flags.ctx : default_ctx > 0 ? default_ctx : c.max_seq_len;
   if (c.max_seq_len > 0 && ctx > c.max_seq_len) {

@@ -1,21 +1,32 @@
 #include "loader/bundle.h"
 
 #include <filesystem>
+#include <fstream>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "kernels/error.h"
+#include "loader/gguf.h"
 #include "loader/mmap_file.h"
 
 namespace qkd {
 
 namespace fs = std::filesystem;
 
+static bool gguf_magic(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
+}
+
 std::string find_tokenizer(const std::string& model_path) {
   const fs::path p(model_path);
   const fs::path dir = fs::is_directory(p) ? p : p.parent_path().empty() ? fs::path(".") : p.parent_path();
-  for (const char* name : {"tokenizer.model", "tokenizer.bin"})
+  // A GGUF model carries its own tokenizer; a checkpoint made from one has it in tokenizer.gguf.
+  if (fs::is_regular_file(p) && gguf_magic(p.string())) return p.string();
+  for (const char* name : {"tokenizer.model", "tokenizer.bin", "tokenizer.gguf"})
     if (fs::is_regular_file(dir / name)) return (dir / name).string();
   // llama2.c's small models ship their own vocabularies as tokNNN.bin / tokNNN.model beside the weights;
   // take one only when it is unambiguous.
@@ -66,7 +77,12 @@ ModelBundle load_bundle(const std::string& model_path, const std::string& tokeni
   if (b.tokenizer->vocab_size() > b.weights.config.vocab_size)
     fail("{}: the tokenizer has {} tokens but the model {} has vocab_size {}", b.tokenizer_path,
          b.tokenizer->vocab_size(), model_path, b.weights.config.vocab_size);
-  if (fs::is_directory(model_path)) b.chat_template = hf_chat_template(model_path);
+  if (gguf_magic(b.tokenizer_path)) {
+    const GgufFile g = GgufFile::open(b.tokenizer_path);
+    b.chat_template = std::string(g.get_string("tokenizer.chat_template", ""));
+  } else if (fs::is_directory(model_path)) {
+    b.chat_template = hf_chat_template(model_path);
+  }
   return b;
 }
 

@@ -2,6 +2,8 @@
 // choice between the two file formats.
 #include "loader/tokenizer.h"
 
+#include "loader/gguf_tokenizer.h"
+
 #include <cstring>
 
 #include "kernels/error.h"
@@ -91,6 +93,8 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& path, int vocab_hin
     fail("tokenizer: {}", e.what());
   }
   const auto bytes = std::string_view(reinterpret_cast<const char*>(file->data()), file->size());
+  // A GGUF file carries its vocabulary in its metadata (the default model, a qkd checkpoint's tokenizer.gguf).
+  if (bytes.substr(0, 4) == "GGUF") return load_gguf_tokenizer(path);
   int32_t first = 0;
   if (bytes.size() >= sizeof(first)) std::memcpy(&first, bytes.data(), sizeof(first));
   if (bytes.size() >= sizeof(first) && first >= 1 && first <= kMaxLlama2cTokenLength) {
