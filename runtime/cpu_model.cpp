@@ -122,8 +122,9 @@ CpuModel::CpuModel(const ModelWeights& w, const ModelOptions& opt) : cfg_(w.conf
     L.w_gate = load_f32(w, lw.w_gate, {ffn, dim});
     L.w_up = load_f32(w, lw.w_up, {ffn, dim});
     L.w_down = load_f32(w, lw.w_down, {dim, ffn});
-    L.k_cache.reset(new float[cache_elems]);
-    L.v_cache.reset(new float[cache_elems]);
+    // zeroed: a cache position is only ever read after it was written, but zeros keep a misuse deterministic
+    L.k_cache.reset(new float[cache_elems]());
+    L.v_cache.reset(new float[cache_elems]());
   }
   inv_freq_ = rope_inv_freq(c);
 

@@ -72,7 +72,9 @@ std::vector<int32_t> random_tokens(std::mt19937& rng, size_t n, int vocab) {
 struct Compare {
   double rel = 0.0, max_abs = 0.0;
   size_t worst = 0;
-  bool finite = true;
+  bool finite = true;       // every value of got is finite
+  size_t want_nonfinite = 0;  // the reference's own non-finite values (first at want_first_bad)
+  size_t want_first_bad = 0;
 };
 Compare compare(const std::vector<float>& got, const std::vector<float>& want) {
   REQUIRE(got.size() == want.size());
@@ -80,6 +82,7 @@ Compare compare(const std::vector<float>& got, const std::vector<float>& want) {
   double num = 0.0, den = 0.0;
   for (size_t i = 0; i < got.size(); ++i) {
     if (!std::isfinite(got[i])) c.finite = false;
+    if (!std::isfinite(want[i]) && c.want_nonfinite++ == 0) c.want_first_bad = i;
     const double d = static_cast<double>(got[i]) - want[i];
     num += d * d;
     den += static_cast<double>(want[i]) * want[i];
@@ -100,6 +103,9 @@ void expect_close(const std::string& what, const std::vector<float>& got, const 
             << want[c.worst] << ")");
   MESSAGE(what << ": relative norm error " << c.rel << ", max abs error " << c.max_abs);
   CHECK(c.finite);
+  INFO("the reference has " << c.want_nonfinite << " non-finite values, the first at row " << c.want_first_bad / vocab
+                            << " token " << c.want_first_bad % vocab);
+  CHECK(c.want_nonfinite == 0);
   CHECK(c.rel <= tol);
 }
 
@@ -111,6 +117,15 @@ void check_prefill_and_decode(const std::string& what, Model& got, Model& want, 
   const std::vector<int32_t> prompt = random_tokens(rng, static_cast<size_t>(batch) * prompt_len, vocab);
   std::vector<int32_t> start(batch);
   for (int b = 0; b < batch; ++b) start[b] = 3 * b;  // sequences at different positions
+  // Positions before each sequence's start must hold real keys/values (the same on both backends) before the
+  // prompt attends to them: run a shared history first, which the prompt then partly overwrites.
+  if (const int history = start[batch - 1]; history > 0) {
+    const std::vector<int32_t> hist = random_tokens(rng, static_cast<size_t>(batch) * history, vocab);
+    const std::vector<int32_t> zero(batch, 0);
+    std::vector<float> scratch(static_cast<size_t>(batch) * vocab);
+    got.forward(hist, batch, history, zero, LogitsMode::Last, scratch.data());
+    want.forward(hist, batch, history, zero, LogitsMode::Last, scratch.data());
+  }
   std::vector<float> g(static_cast<size_t>(batch) * prompt_len * vocab), w(g.size());
   got.forward(prompt, batch, prompt_len, start, LogitsMode::All, g.data());
   want.forward(prompt, batch, prompt_len, start, LogitsMode::All, w.data());
