@@ -223,18 +223,7 @@ static __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 static void sampling_forward_impl(const SamplingArgs<T>& a, cudaStream_t stream) {
-  QKD_CHECK(a.batch >= 0 && a.vocab_size > 0, "sampling_forward: batch {} / vocab_size {} invalid", a.batch,
-            a.vocab_size);
-  QKD_CHECK(a.ld >= a.vocab_size, "sampling_forward: row stride ld {} is smaller than vocab_size {}", a.ld,
-            a.vocab_size);
-  QKD_CHECK(!std::isnan(a.temperature), "sampling_forward: temperature is NaN");
-  const bool greedy = a.temperature <= 0.0f || a.top_k == 1;
-  if (!greedy) {
-    QKD_CHECK(a.top_k >= 1 && a.top_k <= kSamplingMaxTopK, "sampling_forward: top_k {} is outside [1, {}]",
-              a.top_k, kSamplingMaxTopK);
-    QKD_CHECK(a.top_p > 0.0f && a.top_p <= 1.0f, "sampling_forward: top_p {} is outside (0, 1]", a.top_p);
-    QKD_CHECK(std::isfinite(a.temperature), "sampling_forward: temperature {} is not finite", a.temperature);
-  }
+  const bool greedy = sampling_check(a.batch, a.vocab_size, a.ld, a.temperature, a.top_k, a.top_p);
   if (a.batch == 0) return;
   QKD_CHECK(a.tokens != nullptr && a.logits != nullptr, "sampling_forward: tokens / logits is null");
   if (greedy) {

@@ -97,6 +97,10 @@ __host__ __device__ inline uint64_t sampling_target(float u, uint64_t mass) {
   return t >= static_cast<double>(mass) ? mass - 1 : static_cast<uint64_t>(t);
 }
 
+// The argument checks shared by the CPU twin and the CUDA launcher (messages name the values); returns whether
+// the call is greedy (temperature <= 0 or top_k == 1). Defined in kernels/cpu/sampling.cpp.
+bool sampling_check(int batch, int vocab_size, int64_t ld, float temperature, int top_k, float top_p);
+
 namespace cpu {
 void sampling_forward(const SamplingArgs<float>& a);
 }

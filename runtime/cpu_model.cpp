@@ -58,7 +58,6 @@ class CpuModel final : public Model {
                LogitsMode mode, float* logits) override;
 
  private:
-  void check_inputs(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos) const;
   // Runs tokens [batch, len] of the chunk starting at offset s0 of each sequence, leaving the final-normed
   // hidden states in h_.
   void forward_chunk(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos,
@@ -145,26 +144,6 @@ CpuModel::CpuModel(const ModelWeights& w, const ModelOptions& opt) : cfg_(w.conf
   chunk_start_.resize(max_batch_);
 }
 
-void CpuModel::check_inputs(std::span<const int32_t> tokens, int batch, int seq_len,
-                            std::span<const int32_t> start_pos) const {
-  QKD_CHECK(batch >= 1 && batch <= max_batch_, "forward: batch {} must be in [1, {}] (max_batch)", batch, max_batch_);
-  QKD_CHECK(seq_len >= 1, "forward: seq_len {} must be at least 1", seq_len);
-  QKD_CHECK(tokens.size() == static_cast<size_t>(batch) * seq_len,
-            "forward: {} tokens given for batch {} x seq_len {}", tokens.size(), batch, seq_len);
-  QKD_CHECK(start_pos.size() == static_cast<size_t>(batch), "forward: {} start positions given for batch {}",
-            start_pos.size(), batch);
-  for (int b = 0; b < batch; ++b) {
-    QKD_CHECK(start_pos[b] >= 0 && static_cast<int64_t>(start_pos[b]) + seq_len <= ctx_,
-              "forward: sequence {} needs positions {}..{} but the context (-c) is {}", b, start_pos[b],
-              static_cast<int64_t>(start_pos[b]) + seq_len - 1, ctx_);
-  }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    QKD_CHECK(tokens[i] >= 0 && tokens[i] < cfg_.vocab_size,
-              "forward: token id {} (sequence {}, index {}) is outside the vocabulary (vocab_size {})", tokens[i],
-              i / seq_len, i % seq_len, cfg_.vocab_size);
-  }
-}
-
 void CpuModel::forward_chunk(std::span<const int32_t> tokens, int batch, int seq_len,
                              std::span<const int32_t> start_pos, int s0, int len) {
   const ModelConfig& c = cfg_;
@@ -216,7 +195,7 @@ void CpuModel::forward_chunk(std::span<const int32_t> tokens, int batch, int seq
 
 void CpuModel::forward(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos,
                        LogitsMode mode, float* logits) {
-  check_inputs(tokens, batch, seq_len, start_pos);
+  check_forward_inputs(*this, tokens, batch, seq_len, start_pos);
   const int dim = cfg_.dim, vocab = cfg_.vocab_size;
   // Prefill in chunks: each chunk's keys/values are in the cache before the next chunk attends to them.
   for (int s0 = 0; s0 < seq_len; s0 += chunk_len_) {

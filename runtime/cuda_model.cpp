@@ -118,7 +118,6 @@ class CudaModelImpl final : public CudaModel {
   void plan(const ModelWeights* w, int quantize_group);
   void upload(const ModelWeights& w);
   void randomize(uint64_t seed);
-  void check_inputs(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos) const;
 
   void linear(const DeviceLinear& w, const bf16* x, bf16* y, int m, Accumulate mode);
   void enqueue_layers(int batch, int len, const int32_t* tok, const int32_t* pos, const int32_t* start);
@@ -399,26 +398,6 @@ void CudaModelImpl::randomize(uint64_t seed) {
   }
 }
 
-void CudaModelImpl::check_inputs(std::span<const int32_t> tokens, int batch, int seq_len,
-                                 std::span<const int32_t> start_pos) const {
-  QKD_CHECK(batch >= 1 && batch <= max_batch_, "forward: batch {} must be in [1, {}] (max_batch)", batch, max_batch_);
-  QKD_CHECK(seq_len >= 1, "forward: seq_len {} must be at least 1", seq_len);
-  QKD_CHECK(tokens.size() == static_cast<size_t>(batch) * seq_len,
-            "forward: {} tokens given for batch {} x seq_len {}", tokens.size(), batch, seq_len);
-  QKD_CHECK(start_pos.size() == static_cast<size_t>(batch), "forward: {} start positions given for batch {}",
-            start_pos.size(), batch);
-  for (int b = 0; b < batch; ++b) {
-    QKD_CHECK(start_pos[b] >= 0 && static_cast<int64_t>(start_pos[b]) + seq_len <= ctx_,
-              "forward: sequence {} needs positions {}..{} but the context (-c) is {}", b, start_pos[b],
-              static_cast<int64_t>(start_pos[b]) + seq_len - 1, ctx_);
-  }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    QKD_CHECK(tokens[i] >= 0 && tokens[i] < cfg_.vocab_size,
-              "forward: token id {} (sequence {}, index {}) is outside the vocabulary (vocab_size {})", tokens[i],
-              i / seq_len, i % seq_len, cfg_.vocab_size);
-  }
-}
-
 void CudaModelImpl::linear(const DeviceLinear& w, const bf16* x, bf16* y, int m, Accumulate mode) {
   if (w.fmt.int4) {
     cuda::int4_gemm_forward({y, x, w.q, m, mode}, stream_.get());
@@ -569,7 +548,7 @@ void CudaModelImpl::prefill(std::span<const int32_t> tokens, int batch, int seq_
 
 void CudaModelImpl::forward(std::span<const int32_t> tokens, int batch, int seq_len,
                             std::span<const int32_t> start_pos, LogitsMode mode, float* logits) {
-  check_inputs(tokens, batch, seq_len, start_pos);
+  check_forward_inputs(*this, tokens, batch, seq_len, start_pos);
   if (seq_len == 1) {  // [batch, 1, vocab] and [batch, vocab] are the same layout
     write_decode_inputs(tokens, start_pos, {}, batch);
     run_decode(batch, false, {});
@@ -585,7 +564,7 @@ void CudaModelImpl::forward(std::span<const int32_t> tokens, int batch, int seq_
 void CudaModelImpl::forward_sample(std::span<const int32_t> tokens, int batch, int seq_len,
                                    std::span<const int32_t> start_pos, const TokenPick& pick,
                                    std::span<const float> uniform, int32_t* next) {
-  check_inputs(tokens, batch, seq_len, start_pos);
+  check_forward_inputs(*this, tokens, batch, seq_len, start_pos);
   const bool greedy = pick.temperature <= 0.0f || pick.top_k == 1;
   QKD_CHECK(greedy || uniform.size() >= static_cast<size_t>(batch),
             "forward_sample: {} uniform draws given for batch {}", uniform.size(), batch);
@@ -615,7 +594,7 @@ void CudaModelImpl::forward_sample(std::span<const int32_t> tokens, int batch, i
 
 void CudaModelImpl::set_decode_inputs(std::span<const int32_t> tokens, std::span<const int32_t> start_pos) {
   const int batch = static_cast<int>(tokens.size());
-  check_inputs(tokens, batch, 1, start_pos);
+  check_forward_inputs(*this, tokens, batch, 1, start_pos);
   write_decode_inputs(tokens, start_pos, {}, batch);
   sync();
 }

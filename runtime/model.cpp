@@ -63,6 +63,28 @@ void Model::forward_sample(std::span<const int32_t> tokens, int batch, int seq_l
                          pick.temperature, pick.top_k, pick.top_p});
 }
 
+void check_forward_inputs(const Model& m, std::span<const int32_t> tokens, int batch, int seq_len,
+                          std::span<const int32_t> start_pos) {
+  QKD_CHECK(batch >= 1 && batch <= m.max_batch(), "forward: batch {} must be in [1, {}] (max_batch)", batch,
+            m.max_batch());
+  QKD_CHECK(seq_len >= 1, "forward: seq_len {} must be at least 1", seq_len);
+  QKD_CHECK(tokens.size() == static_cast<size_t>(batch) * seq_len,
+            "forward: {} tokens given for batch {} x seq_len {}", tokens.size(), batch, seq_len);
+  QKD_CHECK(start_pos.size() == static_cast<size_t>(batch), "forward: {} start positions given for batch {}",
+            start_pos.size(), batch);
+  for (int b = 0; b < batch; ++b) {
+    QKD_CHECK(start_pos[b] >= 0 && static_cast<int64_t>(start_pos[b]) + seq_len <= m.ctx(),
+              "forward: sequence {} needs positions {}..{} but the context (-c) is {}", b, start_pos[b],
+              static_cast<int64_t>(start_pos[b]) + seq_len - 1, m.ctx());
+  }
+  const int vocab = m.config().vocab_size;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    QKD_CHECK(tokens[i] >= 0 && tokens[i] < vocab,
+              "forward: token id {} (sequence {}, index {}) is outside the vocabulary (vocab_size {})", tokens[i],
+              i / seq_len, i % seq_len, vocab);
+  }
+}
+
 std::vector<float> rope_inv_freq(const ModelConfig& c) {
   QKD_CHECK(c.head_dim > 0 && c.head_dim % 2 == 0, "rope: head_dim {} must be even and positive", c.head_dim);
   const int half = c.head_dim / 2;

@@ -64,6 +64,11 @@ class Model {
                               std::span<const float> uniform, int32_t* next);
 };
 
+// Validates forward()'s arguments against a model (batch, token count, positions within ctx, token ids within
+// the vocabulary) with errors that name the values. Every backend calls it first.
+void check_forward_inputs(const Model& m, std::span<const int32_t> tokens, int batch, int seq_len,
+                          std::span<const int32_t> start_pos);
+
 // Builds the model on the requested backend. Auto picks CUDA when a GPU and the CUDA backend are available,
 // otherwise the CPU with a note on stderr.
 std::unique_ptr<Model> make_model(const ModelWeights& w, const ModelOptions& opt);

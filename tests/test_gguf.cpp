@@ -25,20 +25,7 @@ std::string fixture(const std::string& name) { return test::fixtures_dir() + "/g
 
 nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(read_text_file(path)); }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qkd-gguf-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string write(const std::string& name, const std::string& bytes) const {
-    const std::string p = (path / name).string();
-    std::ofstream(p, std::ios::binary) << bytes;
-    return p;
-  }
-};
+using qkd::test::TempDir;
 
 // GGUF bytes, little-endian, as the format defines them.
 struct Bytes {

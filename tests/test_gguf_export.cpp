@@ -38,20 +38,7 @@ namespace {
 
 std::string fixture(const std::string& rel) { return qkd::test::fixtures_dir() + "/" + rel; }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / fmt::format("qkd-test-gguf-export-{}-{}", ::getpid(), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using qkd::test::TempDir;
 
 std::string error_of(const std::function<void()>& f) {
   try {

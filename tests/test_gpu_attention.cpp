@@ -21,6 +21,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda_check.h"
+#include "tests/gpu_test_util.h"
 #include "kernels/decode_attention.h"
 #include "kernels/dtype.h"
 #include "kernels/error.h"
@@ -29,27 +30,7 @@ using namespace qkd;
 
 namespace {
 
-template <typename T>
-struct DeviceArray {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceArray(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&ptr, std::max<size_t>(count, 1) * sizeof(T))); }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  void upload(const std::vector<T>& host) {
-    CUDA_CHECK(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> host(n);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    CUDA_CHECK(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return host;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(ptr, 0xff, n * sizeof(T))); }  // 0xffff.. is NaN in bf16 and fp32
-  __nv_bfloat16* bf16() const { return reinterpret_cast<__nv_bfloat16*>(ptr); }
-};
+using qkd::test::DeviceArray;
 
 std::mt19937& rng() {
   static std::mt19937 r(std::random_device{}());

@@ -45,20 +45,7 @@ std::string tiny_hf() { return qkd::test::fixtures_dir() + "/hf/tiny-llama"; }
 std::string tiny_gguf(const char* name) { return qkd::test::fixtures_dir() + "/gguf/" + name; }
 
 // A fresh directory under the system temp dir, removed at scope exit.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    static int counter = 0;
-    path = fs::temp_directory_path() / fmt::format("qkd-test-int4ckpt-{}-{}-{}", ::getpid(), tag, counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
+using qkd::test::TempDir;
 
 // The message of the qkd::Error that f throws ("" when it throws none).
 std::string error_of(const std::function<void()>& f) {

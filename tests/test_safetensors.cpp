@@ -20,16 +20,7 @@ using namespace qkd;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "qkd-safetensors-XXXXXX").string();
-    REQUIRE(::mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using qkd::test::TempDir;
 
 std::vector<std::byte> bytes_of(const void* p, size_t n) {
   std::vector<std::byte> b(n);

@@ -49,18 +49,31 @@ int sample_row(const float* logits, int vocab_size, float temperature, int top_k
 
 }  // namespace
 
-void sampling_forward(const SamplingArgs<float>& a) {
-  QKD_CHECK(a.batch >= 0 && a.vocab_size > 0, "sampling_forward: batch {} / vocab_size {} invalid", a.batch,
-            a.vocab_size);
-  QKD_CHECK(a.ld >= a.vocab_size, "sampling_forward: row stride ld {} is smaller than vocab_size {}", a.ld,
-            a.vocab_size);
-  QKD_CHECK(!std::isnan(a.temperature), "sampling_forward: temperature is NaN");
-  const bool greedy = a.temperature <= 0.0f || a.top_k == 1;
+}  // namespace qkd::cpu
+
+namespace qkd {
+
+bool sampling_check(int batch, int vocab_size, int64_t ld, float temperature, int top_k, float top_p) {
+  QKD_CHECK(batch >= 0 && vocab_size > 0, "sampling_forward: batch {} / vocab_size {} invalid", batch, vocab_size);
+  QKD_CHECK(ld >= vocab_size, "sampling_forward: row stride ld {} is smaller than vocab_size {}", ld, vocab_size);
+  QKD_CHECK(!std::isnan(temperature), "sampling_forward: temperature is NaN");
+  const bool greedy = temperature <= 0.0f || top_k == 1;
   if (!greedy) {
-    QKD_CHECK(a.top_k >= 1 && a.top_k <= kSamplingMaxTopK, "sampling_forward: top_k {} is outside [1, {}]",
-              a.top_k, kSamplingMaxTopK);
-    QKD_CHECK(a.top_p > 0.0f && a.top_p <= 1.0f, "sampling_forward: top_p {} is outside (0, 1]", a.top_p);
-    QKD_CHECK(std::isfinite(a.temperature), "sampling_forward: temperature {} is not finite", a.temperature);
+    QKD_CHECK(top_k >= 1 && top_k <= kSamplingMaxTopK, "sampling_forward: top_k {} is outside [1, {}]", top_k,
+              kSamplingMaxTopK);
+    QKD_CHECK(top_p > 0.0f && top_p <= 1.0f, "sampling_forward: top_p {} is outside (0, 1]", top_p);
+    QKD_CHECK(std::isfinite(temperature), "sampling_forward: temperature {} is not finite", temperature);
+  }
+  return greedy;
+}
+
+}  // namespace qkd
+
+namespace qkd::cpu {
+
+void sampling_forward(const SamplingArgs<float>& a) {
+  const bool greedy = sampling_check(a.batch, a.vocab_size, a.ld, a.temperature, a.top_k, a.top_p);
+  if (!greedy) {
     QKD_CHECK(a.uniform != nullptr || a.batch == 0, "sampling_forward: uniform is null with temperature {}",
               a.temperature);
   }
