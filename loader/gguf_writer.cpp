@@ -1,5 +1,7 @@
 #include "loader/gguf_writer.h"
 
+#include "loader/atomic_file.h"
+
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -99,28 +101,6 @@ void put_value(std::string& out, const GgufValue& v) {
       return;
   }
   fail("GGUF value type {} is unknown", static_cast<uint32_t>(v.type));
-}
-
-// Removes the temp file unless it was renamed into place.
-struct TempFile {
-  std::string path;
-  int fd = -1;
-  bool committed = false;
-  ~TempFile() {
-    if (fd >= 0) ::close(fd);
-    if (!committed && !path.empty()) ::unlink(path.c_str());
-  }
-};
-
-void write_all(int fd, const std::string& target, const void* buf, size_t n) {
-  const char* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0) fail("{}: write failed: {}", target, std::strerror(errno));
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
 }
 
 bool starts_with_gguf(const std::string& path) {
@@ -399,34 +379,14 @@ void GgufWriter::write(const std::string& path, Overwrite overwrite) const {
   }
   head.append((kAlignment - head.size() % kAlignment) % kAlignment, '\0');
 
-  const fs::path target = fs::absolute(path);
-  TempFile tmp;
-  std::string tmpl = (target.parent_path() / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
-  tmp.fd = ::mkstemp(tmpl.data());
-  if (tmp.fd < 0) fail("{}: cannot create a temp file: {}", path, std::strerror(errno));
-  tmp.path = tmpl;
-  if (::fchmod(tmp.fd, 0644) != 0) fail("{}: chmod of the temp file failed: {}", path, std::strerror(errno));
-  write_all(tmp.fd, path, head.data(), head.size());
+  AtomicFile out(path);
+  out.write(head.data(), head.size());
   const char zeros[kAlignment] = {};
   for (const Tensor& t : tensors_) {
-    write_all(tmp.fd, path, t.data, t.nbytes);
-    write_all(tmp.fd, path, zeros, (kAlignment - t.nbytes % kAlignment) % kAlignment);
+    out.write(t.data, t.nbytes);
+    out.write(zeros, (kAlignment - t.nbytes % kAlignment) % kAlignment);
   }
-  if (::fsync(tmp.fd) != 0) fail("{}: fsync failed: {}", path, std::strerror(errno));
-  const int fd = tmp.fd;
-  tmp.fd = -1;
-  if (::close(fd) != 0) fail("{}: close failed: {}", path, std::strerror(errno));
-  // Refuse: never clobber a file that appeared meanwhile. Replace: rename(2) swaps a file atomically.
-  const int rc = overwrite == Overwrite::Refuse
-                     ? ::renameat2(AT_FDCWD, tmp.path.c_str(), AT_FDCWD, target.c_str(), RENAME_NOREPLACE)
-                     : ::rename(tmp.path.c_str(), target.c_str());
-  if (rc != 0) fail("{}: cannot move the finished file into place: {}", path, std::strerror(errno));
-  tmp.committed = true;
-  const int dfd = ::open(target.parent_path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);  // best effort: the file itself is complete and synced
-    ::close(dfd);
-  }
+  out.commit(overwrite);
 }
 
 // ------------------------------------------------------------------------------------------------ export

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "kernels/int4_format.h"
+#include "loader/atomic_file.h"
 #include "loader/model.h"
 
 namespace qkd {
@@ -80,8 +81,6 @@ struct Int4Quantized {
 // for as symmetric (asymmetric) fp16 g32 is copied bit for bit (int4_from_q4_0 / _1) instead. Throws qkd::Error
 // naming the tensor when its k does not fit the group size or a value cannot be quantized.
 Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& params);
-
-enum class Overwrite { Refuse, Replace };
 
 // Throws qkd::Error unless `out` may be written: with Refuse it must not exist; with Replace it may also be an
 // existing qkd int4 checkpoint directory or an empty directory (never any other directory: --force must not

@@ -1,5 +1,7 @@
 #include "loader/safetensors.h"
 
+#include "loader/atomic_file.h"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
@@ -187,32 +189,6 @@ const TensorView& SafetensorsFile::get(std::string_view name) const {
   return *t;
 }
 
-namespace {
-
-// Removes the temp file unless the rename went through, so a failed write leaves nothing behind.
-struct TempFile {
-  std::string path;
-  int fd = -1;
-  bool committed = false;
-  ~TempFile() {
-    if (fd >= 0) ::close(fd);
-    if (!committed && !path.empty()) ::unlink(path.c_str());
-  }
-};
-
-void write_all(const TempFile& tmp, const std::string& target, const void* buf, size_t n) {
-  const char* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    ssize_t w = ::write(tmp.fd, p, n);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0) fail("{}: write failed: {}", target, std::strerror(errno));
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-}
-
-}  // namespace
-
 void write_safetensors(const std::string& path, const std::vector<TensorView>& tensors,
                        const std::map<std::string, std::string>& metadata) {
   std::set<std::string> names;
@@ -251,32 +227,11 @@ void write_safetensors(const std::string& path, const std::vector<TensorView>& t
   unsigned char len_bytes[8];
   for (int i = 0; i < 8; ++i) len_bytes[i] = static_cast<unsigned char>(static_cast<uint64_t>(text.size()) >> (8 * i));
 
-  const std::filesystem::path target(path);
-  const std::filesystem::path dir = target.has_parent_path() ? target.parent_path() : std::filesystem::path(".");
-  TempFile tmp;
-  std::string tmpl = (dir / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
-  tmp.fd = ::mkstemp(tmpl.data());
-  if (tmp.fd < 0) fail("{}: cannot create a temp file in {}: {}", path, dir.string(), std::strerror(errno));
-  tmp.path = tmpl;
-  if (::fchmod(tmp.fd, 0644) != 0) fail("{}: chmod of temp file failed: {}", path, std::strerror(errno));
-
-  write_all(tmp, path, len_bytes, 8);
-  write_all(tmp, path, text.data(), text.size());
-  for (const TensorView* t : order) write_all(tmp, path, t->data, t->nbytes);
-  if (::fsync(tmp.fd) != 0) fail("{}: fsync failed: {}", path, std::strerror(errno));
-  const int fd = tmp.fd;
-  tmp.fd = -1;
-  if (::close(fd) != 0) fail("{}: close failed: {}", path, std::strerror(errno));
-  if (::rename(tmp.path.c_str(), path.c_str()) != 0) fail("{}: rename from temp file failed: {}", path, std::strerror(errno));
-  tmp.committed = true;
-
-  // The rename is durable only once the directory entry is on disk too.
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) fail("{}: cannot open directory {} to sync it: {}", path, dir.string(), std::strerror(errno));
-  const int rc = ::fsync(dfd);
-  const int err = errno;
-  ::close(dfd);
-  if (rc != 0 && err != EINVAL) fail("{}: fsync of directory {} failed: {}", path, dir.string(), std::strerror(err));
+  AtomicFile out(path);
+  out.write(len_bytes, 8);
+  out.write(text.data(), text.size());
+  for (const TensorView* t : order) out.write(t->data, t->nbytes);
+  out.commit(Overwrite::Replace);
 }
 
 }  // namespace qkd
