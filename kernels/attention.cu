@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/attention.h"
+#include "kernels/cp_async.cuh"
 #include "kernels/cuda_check.h"
 
 namespace qkd::cuda {
@@ -39,19 +40,6 @@ constexpr int smem_stride() {
 template <int D>
 constexpr size_t smem_bytes() {
   return static_cast<size_t>(kBlockM + 4 * kBlockN) * smem_stride<D>() * sizeof(__nv_bfloat16);  // Q, K[2], V[2]
-}
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read and the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* smem) {

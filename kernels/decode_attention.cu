@@ -24,6 +24,7 @@
 
 #include <cuda_bf16.h>
 
+#include "kernels/cp_async.cuh"
 #include "kernels/cuda_check.h"
 #include "kernels/decode_attention.h"
 
@@ -49,19 +50,6 @@ struct SplitParams {
   float* part_out;     // [batch, seq_len, n_heads, n_splits, head_dim]  (n_splits > 1)
   float* part_lse;     // [batch, seq_len, n_heads, n_splits], log2 domain
 };
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int src_bytes = valid ? 16 : 0;  // 0: nothing is read and the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
