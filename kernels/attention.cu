@@ -11,8 +11,21 @@
 // exponential is one exp2.
 //
 // This kernel serves prefill (seq_len in the tens to thousands). Decode steps (seq_len 1..16) go through
-// kernels/decode_attention.h, which splits the context across CTAs instead. The backward will sit beside the
-// forward in this file.
+// kernels/decode_attention.h, which splits the context across CTAs instead.
+//
+// backward (training layout: start_pos 0, k/v contiguous [batch, seq_len, n_kv_heads, head_dim]), FlashAttention-2
+// style but deterministic, in three kernels:
+//   delta:  delta[b,h,i] = dout[b,i,h,:] . out[b,i,h,:]  (one warp per row, into the caller's scratch)
+//   dK/dV:  a CTA owns 64 keys of one kv head (4 warps x 16 keys) and walks every query tile of every head of the
+//           group that sees them, recomputing P^T = exp(scale K Q^T - lse) and accumulating
+//           dV += P^T dO and dK += dS^T Q, dS^T = P^T * (V dO^T - delta), in registers; it writes dK, dV once.
+//   dQ:     a CTA owns 64 query rows of one head (4 warps x 16 rows) and walks the key tiles they see,
+//           recomputing P and dS the same way and accumulating dQ += dS K.
+// Every output element is summed by one thread in a fixed order, so the gradients are the same bits on every run
+// (FlashAttention-2 instead adds dQ across key CTAs with float atomics). The price is recomputing Q K^T and
+// dO V^T in the dQ kernel: 7 tile GEMMs where FlashAttention-2 does 5. All GEMMs are mma.sync m16n8k16 with the
+// score-side accumulators reused in place as A fragments, as in the forward; P and dS are rounded to bf16 for the
+// tensor cores, everything else is fp32.
 #include <cmath>
 #include <cstdint>
 
@@ -29,6 +42,7 @@ namespace {
 constexpr int kBlockM = 64;   // query rows per CTA: 4 warps x one 16-row MMA tile
 constexpr int kBlockN = 64;   // keys per tile: 8 n8 MMA tiles of scores per warp, 32 fp32 registers
 constexpr int kThreads = 128;
+constexpr float kLog2e = 1.44269504f;
 
 // Shared-memory rows are padded by 16 bytes: the 8 rows one ldmatrix phase reads then start in 8 different
 // bank quads instead of all in the same one.
@@ -252,7 +266,7 @@ static void attention_forward_launch(const AttentionArgs<__nv_bfloat16>& a, cuda
   CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(bytes)));
   const dim3 grid((a.seq_len + kBlockM - 1) / kBlockM, a.n_heads, a.batch);
-  const float scale_log2 = a.scale * 1.44269504f;  // log2(e)
+  const float scale_log2 = a.scale * kLog2e;
   attention_forward_kernel<D><<<grid, kThreads, bytes, stream>>>(a, scale_log2);
   KERNEL_CHECK();
 }
@@ -283,6 +297,452 @@ void attention_forward(const AttentionArgs<__nv_bfloat16>& a, cudaStream_t strea
     attention_forward_launch<64>(a, stream);
   } else {
     attention_forward_launch<128>(a, stream);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- backward
+
+namespace {
+
+constexpr int kBwdKeys = 64;  // keys per dK/dV CTA: 4 warps x one 16-key MMA tile
+constexpr int kDeltaRowsPerBlock = kThreads / 32;
+
+// Query rows per step of the dK/dV kernel. A warp holds dK and dV for its 16 keys (head_dim / 2 fp32 registers
+// each) plus the P^T and dS^T tiles of the step (BQ / 2 registers each): at head_dim 128 that is ~250 registers
+// without spills (ptxas -v), 2 CTAs per SM. It must divide kBwdKeys (the causal start below relies on it).
+template <int D>
+constexpr int bwd_query_tile() {
+  return 64;
+}
+static_assert(kBwdKeys % bwd_query_tile<64>() == 0 && kBwdKeys % bwd_query_tile<128>() == 0);
+
+template <int D>
+constexpr size_t bwd_dkdv_smem_bytes() {
+  // K, V (resident), Q[2], dO[2] (double-buffered), then lse[2] and delta[2] of the query tile.
+  return static_cast<size_t>(2 * kBwdKeys + 4 * bwd_query_tile<D>()) * smem_stride<D>() * sizeof(__nv_bfloat16) +
+         4 * bwd_query_tile<D>() * sizeof(float);
+}
+
+template <int D>
+constexpr size_t bwd_dq_smem_bytes() {
+  return smem_bytes<D>() + static_cast<size_t>(kBlockM) * smem_stride<D>() * sizeof(__nv_bfloat16);  // + dO
+}
+
+}  // namespace
+
+// delta[b, h, i] = dout[b, i, h, :] . out[b, i, h, :]. Row r enumerates (b, i, h) in memory order.
+static __global__ void __launch_bounds__(kThreads)
+    attention_backward_delta_kernel(float* delta, const __nv_bfloat16* dout, const __nv_bfloat16* out,
+                                    int64_t n_rows, int seq_len, int n_heads, int head_dim) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kDeltaRowsPerBlock + threadIdx.x / 32;
+  if (r >= n_rows) return;
+  const int lane = threadIdx.x % 32;
+  const __nv_bfloat162* d = reinterpret_cast<const __nv_bfloat162*>(dout + r * head_dim);
+  const __nv_bfloat162* o = reinterpret_cast<const __nv_bfloat162*>(out + r * head_dim);
+  float s = 0.0f;
+  for (int c = lane; c < head_dim / 2; c += 32) {
+    const float2 dv = __bfloat1622float2(d[c]), ov = __bfloat1622float2(o[c]);
+    s += dv.x * ov.x + dv.y * ov.y;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) {
+    const int h = static_cast<int>(r % n_heads);
+    const int64_t bi = r / n_heads;  // b * seq_len + i
+    const int64_t b = bi / seq_len, i = bi % seq_len;
+    delta[(b * n_heads + h) * seq_len + i] = s;
+  }
+}
+
+// Grid (n_kv_heads, batch, key tiles): the key tile is the slowest index so that tile 0, which sees every query
+// tile, is launched first and the light last tiles fill the tail.
+template <int D>
+static __global__ void __launch_bounds__(kThreads)
+    attention_backward_dkdv_kernel(const AttentionBackwardArgs<__nv_bfloat16> a, float scale_log2) {
+  constexpr int S = smem_stride<D>();
+  constexpr int BQ = bwd_query_tile<D>();
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* s_k = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kBwdKeys][S]
+  __nv_bfloat16* s_v = s_k + kBwdKeys * S;                            // [kBwdKeys][S]
+  __nv_bfloat16* s_q = s_v + kBwdKeys * S;                            // [2][BQ][S]
+  __nv_bfloat16* s_do = s_q + 2 * BQ * S;                             // [2][BQ][S]
+  float* s_lse = reinterpret_cast<float*>(s_do + 2 * BQ * S);         // [2][BQ] log2 domain
+  float* s_delta = s_lse + 2 * BQ;                                    // [2][BQ]
+
+  const int g = blockIdx.x, b = blockIdx.y;
+  const int j0 = blockIdx.z * kBwdKeys;
+  const int seq_len = a.seq_len;
+  const int group = a.n_heads / a.n_kv_heads;
+  // Causal: query tiles before the one holding key j0 see none of this CTA's keys (BQ divides kBwdKeys).
+  const int qt_first = j0 / BQ;
+  const int per_head = (seq_len + BQ - 1) / BQ - qt_first;
+  const int n_steps = group * per_head;  // (head, query tile) pairs, head-major
+  const int64_t q_row_stride = static_cast<int64_t>(a.n_heads) * D;
+  const int64_t kv_row_stride = static_cast<int64_t>(a.n_kv_heads) * D;
+  const int64_t q_batch = static_cast<int64_t>(b) * seq_len * q_row_stride;
+  const int64_t kv_base = static_cast<int64_t>(b) * seq_len * kv_row_stride + g * D;
+  const int tid = threadIdx.x;
+
+  // Rows past seq_len are zero-filled: 0 * garbage could be NaN.
+  for (int c = tid; c < kBwdKeys * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = j0 + r < seq_len;
+    const int64_t off = kv_base + (j0 + r) * kv_row_stride + col;
+    cp_async_16(s_k + r * S + col, valid ? a.k + off : a.k, valid);
+    cp_async_16(s_v + r * S + col, valid ? a.v + off : a.v, valid);
+  }
+  auto step_head = [&](int step) { return g * group + step / per_head; };
+  auto step_q0 = [&](int step) { return (qt_first + step % per_head) * BQ; };
+  auto load_q_do = [&](int step, int stage) {
+    const int h = step_head(step), q0 = step_q0(step);
+    for (int c = tid; c < BQ * kChunks; c += kThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool valid = q0 + r < seq_len;
+      const int64_t off = q_batch + (q0 + r) * q_row_stride + h * D + col;
+      cp_async_16(s_q + (stage * BQ + r) * S + col, valid ? a.q + off : a.q, valid);
+      cp_async_16(s_do + (stage * BQ + r) * S + col, valid ? a.dout + off : a.dout, valid);
+    }
+  };
+  // Thread tid < BQ fetches lse and delta of the step's query row tid into registers; they go to shared memory
+  // once the stage is free, so the loads' latency hides behind a step of math. A row past seq_len gets
+  // lse = +inf, hence P = 0, and delta = 0.
+  float next_lse = INFINITY, next_delta = 0.0f;
+  auto fetch_stats = [&](int step) {
+    const int i = step_q0(step) + tid;
+    if (i < seq_len) {
+      const int64_t idx = (static_cast<int64_t>(b) * a.n_heads + step_head(step)) * seq_len + i;
+      next_lse = a.lse[idx] * kLog2e;
+      next_delta = a.scratch[idx];
+    } else {
+      next_lse = INFINITY;
+      next_delta = 0.0f;
+    }
+  };
+  load_q_do(0, 0);
+  cp_async_commit();
+  if (tid < BQ) {
+    fetch_stats(0);
+    s_lse[tid] = next_lse;
+    s_delta[tid] = next_delta;
+  }
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int mi = lane / 8, mr = lane % 8;         // which 8x8 matrix of an x4 ldmatrix this lane addresses, its row
+  const int key0 = j0 + warp * 16 + lane / 4;     // this thread's keys: key0 and key0 + 8
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.0f;
+  }
+
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = step & 1;
+    if (step + 1 < n_steps) {
+      load_q_do(step + 1, stage ^ 1);
+      if (tid < BQ) fetch_stats(step + 1);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the step just requested has landed
+    __syncthreads();
+    const __nv_bfloat16* q_s = s_q + stage * BQ * S;
+    const __nv_bfloat16* do_s = s_do + stage * BQ * S;
+    const float* lse_s = s_lse + stage * BQ;
+    const float* delta_s = s_delta + stage * BQ;
+    const int q0 = step_q0(step);
+
+    // S^T = K Q^T: rows are this warp's 16 keys, columns the BQ queries. Q rows (queries, head_dim contiguous)
+    // are the "col" B operand as they are stored.
+    float pt[BQ / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt) pt[nt][0] = pt[nt][1] = pt[nt][2] = pt[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t kf[4];
+      ldmatrix_x4(kf, s_k + (warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; nt += 2) {
+        uint32_t qf[4];
+        ldmatrix_x4(qf, q_s + ((nt + mi / 2) * 8 + mr) * S + kk * 16 + (mi % 2) * 8);
+        mma_bf16(pt[nt], kf, qf[0], qf[1]);
+        mma_bf16(pt[nt + 1], kf, qf[2], qf[3]);
+      }
+    }
+    // P^T = exp2(scale_log2 S^T - lse2), zero where the key is after the query. Only the tiles on the diagonal
+    // hold such pairs; keys past seq_len come after every query, so the causal test covers them too.
+    const bool need_mask = j0 + kBwdKeys - 1 > q0;
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+        float p = exp2f(pt[nt][e] * scale_log2 - lse_s[col]);
+        if (need_mask && key0 + 8 * (e / 2) > q0 + col) p = 0.0f;
+        pt[nt][e] = p;
+      }
+    }
+    // dV += P^T dO: the P^T accumulators of n-tiles 2kk, 2kk+1 are the A fragment of a 16x16 block (k = queries);
+    // dO rows are queries, so ldmatrix.trans turns them into the B operand.
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      const uint32_t pf[4] = {pack_bf16(pt[2 * kk][0], pt[2 * kk][1]), pack_bf16(pt[2 * kk][2], pt[2 * kk][3]),
+                              pack_bf16(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
+                              pack_bf16(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t f[4];
+        ldmatrix_x4_trans(f, do_s + (kk * 16 + (mi % 2) * 8 + mr) * S + (dt + mi / 2) * 8);
+        mma_bf16(dv[dt], pf, f[0], f[1]);
+        mma_bf16(dv[dt + 1], pf, f[2], f[3]);
+      }
+    }
+    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place.
+    float dst[BQ / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt) dst[nt][0] = dst[nt][1] = dst[nt][2] = dst[nt][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t vf[4];
+      ldmatrix_x4(vf, s_v + (warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; nt += 2) {
+        uint32_t f[4];
+        ldmatrix_x4(f, do_s + ((nt + mi / 2) * 8 + mr) * S + kk * 16 + (mi % 2) * 8);
+        mma_bf16(dst[nt], vf, f[0], f[1]);
+        mma_bf16(dst[nt + 1], vf, f[2], f[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dst[nt][e] = pt[nt][e] * (dst[nt][e] - delta_s[nt * 8 + 2 * (lane % 4) + (e & 1)]);
+    }
+    // dK += dS^T Q (scaled once at the end).
+#pragma unroll
+    for (int kk = 0; kk < BQ / 16; ++kk) {
+      const uint32_t sf[4] = {pack_bf16(dst[2 * kk][0], dst[2 * kk][1]), pack_bf16(dst[2 * kk][2], dst[2 * kk][3]),
+                              pack_bf16(dst[2 * kk + 1][0], dst[2 * kk + 1][1]),
+                              pack_bf16(dst[2 * kk + 1][2], dst[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t f[4];
+        ldmatrix_x4_trans(f, q_s + (kk * 16 + (mi % 2) * 8 + mr) * S + (dt + mi / 2) * 8);
+        mma_bf16(dk[dt], sf, f[0], f[1]);
+        mma_bf16(dk[dt + 1], sf, f[2], f[3]);
+      }
+    }
+    // The other stage's lse/delta were last read in the previous step, before this step's first barrier.
+    if (step + 1 < n_steps && tid < BQ) {
+      s_lse[(stage ^ 1) * BQ + tid] = next_lse;
+      s_delta[(stage ^ 1) * BQ + tid] = next_delta;
+    }
+    __syncthreads();  // the next step's prefetch overwrites the stage just read
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key >= seq_len) continue;
+    const int64_t off = kv_base + key * kv_row_stride + 2 * (lane % 4);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<__nv_bfloat162*>(a.dk + off + dt * 8) =
+          __floats2bfloat162_rn(dk[dt][2 * r] * a.scale, dk[dt][2 * r + 1] * a.scale);
+      *reinterpret_cast<__nv_bfloat162*>(a.dv + off + dt * 8) = __floats2bfloat162_rn(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  }
+}
+
+// Grid (n_heads, batch, query tiles): the last query tiles see the most keys and are launched first.
+template <int D>
+static __global__ void __launch_bounds__(kThreads)
+    attention_backward_dq_kernel(const AttentionBackwardArgs<__nv_bfloat16> a, float scale_log2) {
+  constexpr int S = smem_stride<D>();
+  constexpr int kChunks = D / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* s_q = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [kBlockM][S]
+  __nv_bfloat16* s_do = s_q + kBlockM * S;                            // [kBlockM][S]
+  __nv_bfloat16* s_k = s_do + kBlockM * S;                            // [2][kBlockN][S]
+  __nv_bfloat16* s_v = s_k + 2 * kBlockN * S;                         // [2][kBlockN][S]
+
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int q0 = (gridDim.z - 1 - blockIdx.z) * kBlockM;
+  const int seq_len = a.seq_len;
+  const int g = h / (a.n_heads / a.n_kv_heads);
+  const int q_rows = min(kBlockM, seq_len - q0);
+  const int kv_end = q0 + q_rows;  // keys [0, kv_end) are visible to some row of this tile
+  const int n_tiles = (kv_end + kBlockN - 1) / kBlockN;
+  const int64_t q_row_stride = static_cast<int64_t>(a.n_heads) * D;
+  const int64_t kv_row_stride = static_cast<int64_t>(a.n_kv_heads) * D;
+  const int64_t q_base = (static_cast<int64_t>(b) * seq_len + q0) * q_row_stride + h * D;
+  const int64_t kv_base = static_cast<int64_t>(b) * seq_len * kv_row_stride + g * D;
+  const int tid = threadIdx.x;
+
+  for (int c = tid; c < kBlockM * kChunks; c += kThreads) {
+    const int r = c / kChunks, col = (c % kChunks) * 8;
+    const bool valid = r < q_rows;
+    const int64_t off = q_base + r * q_row_stride + col;
+    cp_async_16(s_q + r * S + col, valid ? a.q + off : a.q, valid);
+    cp_async_16(s_do + r * S + col, valid ? a.dout + off : a.dout, valid);
+  }
+  auto load_kv = [&](int tile, int stage) {
+    const int j0 = tile * kBlockN;
+    for (int c = tid; c < kBlockN * kChunks; c += kThreads) {
+      const int r = c / kChunks, col = (c % kChunks) * 8;
+      const bool valid = j0 + r < kv_end;
+      const int64_t off = kv_base + (j0 + r) * kv_row_stride + col;
+      cp_async_16(s_k + (stage * kBlockN + r) * S + col, valid ? a.k + off : a.k, valid);
+      cp_async_16(s_v + (stage * kBlockN + r) * S + col, valid ? a.v + off : a.v, valid);
+    }
+  };
+  load_kv(0, 0);
+  cp_async_commit();
+
+  const int warp = tid / 32, lane = tid % 32;
+  const int mi = lane / 8, mr = lane % 8;
+  const int row0 = warp * 16 + lane / 4;  // this thread's rows in the tile: row0 and row0 + 8
+  float lse2[2], delta[2];                // a row past seq_len gets lse = +inf (P = 0) and delta = 0
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + row0 + 8 * r;
+    const int64_t idx = (static_cast<int64_t>(b) * a.n_heads + h) * seq_len + i;
+    lse2[r] = i < seq_len ? a.lse[idx] * kLog2e : INFINITY;
+    delta[r] = i < seq_len ? a.scratch[idx] : 0.0f;
+  }
+  uint32_t q_frag[D / 16][4], do_frag[D / 16][4];
+  float dq[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.0f;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    if (t + 1 < n_tiles) load_kv(t + 1, (t + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (t == 0) {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        ldmatrix_x4(q_frag[kk], s_q + (warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8);
+        ldmatrix_x4(do_frag[kk], s_do + (warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8);
+      }
+    }
+    const __nv_bfloat16* k_s = s_k + (t & 1) * kBlockN * S;
+    const __nv_bfloat16* v_s = s_v + (t & 1) * kBlockN * S;
+
+    // S = Q K^T and dP = dO V^T: K and V rows (keys, head_dim contiguous) are the "col" B operand as stored.
+    float p[kBlockN / 8][4], ds[kBlockN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) p[nt][e] = ds[nt][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; nt += 2) {
+        uint32_t kf[4], vf[4];
+        ldmatrix_x4(kf, k_s + ((nt + mi / 2) * 8 + mr) * S + kk * 16 + (mi % 2) * 8);
+        ldmatrix_x4(vf, v_s + ((nt + mi / 2) * 8 + mr) * S + kk * 16 + (mi % 2) * 8);
+        mma_bf16(p[nt], q_frag[kk], kf[0], kf[1]);
+        mma_bf16(p[nt + 1], q_frag[kk], kf[2], kf[3]);
+        mma_bf16(ds[nt], do_frag[kk], vf[0], vf[1]);
+        mma_bf16(ds[nt + 1], do_frag[kk], vf[2], vf[3]);
+      }
+    }
+    // P = exp2(scale_log2 S - lse2), zero where the key is after the query; dS = P * (dP - delta).
+    const int j0 = t * kBlockN;
+    const bool need_mask = j0 + kBlockN - 1 > q0;
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pe = exp2f(p[nt][e] * scale_log2 - lse2[e / 2]);
+        if (need_mask && j0 + nt * 8 + 2 * (lane % 4) + (e & 1) > q0 + row0 + 8 * (e / 2)) pe = 0.0f;
+        ds[nt][e] = pe * (ds[nt][e] - delta[e / 2]);
+      }
+    }
+    // dQ += dS K (scaled once at the end): K rows are keys, the k index here, so ldmatrix.trans.
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t sf[4] = {pack_bf16(ds[2 * kk][0], ds[2 * kk][1]), pack_bf16(ds[2 * kk][2], ds[2 * kk][3]),
+                              pack_bf16(ds[2 * kk + 1][0], ds[2 * kk + 1][1]),
+                              pack_bf16(ds[2 * kk + 1][2], ds[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4_trans(kf, k_s + (kk * 16 + (mi % 2) * 8 + mr) * S + (dt + mi / 2) * 8);
+        mma_bf16(dq[dt], sf, kf[0], kf[1]);
+        mma_bf16(dq[dt + 1], sf, kf[2], kf[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's prefetch overwrites the stage just read
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row >= q_rows) continue;
+    __nv_bfloat16* dst = a.dq + q_base + row * q_row_stride + 2 * (lane % 4);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<__nv_bfloat162*>(dst + dt * 8) =
+          __floats2bfloat162_rn(dq[dt][2 * r] * a.scale, dq[dt][2 * r + 1] * a.scale);
+    }
+  }
+}
+
+template <int D>
+static void attention_backward_launch(const AttentionBackwardArgs<__nv_bfloat16>& a, cudaStream_t stream) {
+  const float scale_log2 = a.scale * kLog2e;
+  const int64_t n_rows = static_cast<int64_t>(a.batch) * a.seq_len * a.n_heads;
+  attention_backward_delta_kernel<<<static_cast<unsigned>((n_rows + kDeltaRowsPerBlock - 1) / kDeltaRowsPerBlock),
+                                    kThreads, 0, stream>>>(a.scratch, a.dout, a.out, n_rows, a.seq_len, a.n_heads, D);
+  KERNEL_CHECK();
+
+  constexpr size_t dkdv_bytes = bwd_dkdv_smem_bytes<D>();
+  CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(dkdv_bytes)));
+  const dim3 dkdv_grid(a.n_kv_heads, a.batch, (a.seq_len + kBwdKeys - 1) / kBwdKeys);
+  attention_backward_dkdv_kernel<D><<<dkdv_grid, kThreads, dkdv_bytes, stream>>>(a, scale_log2);
+  KERNEL_CHECK();
+
+  constexpr size_t dq_bytes = bwd_dq_smem_bytes<D>();
+  CUDA_CHECK(cudaFuncSetAttribute(attention_backward_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(dq_bytes)));
+  const dim3 dq_grid(a.n_heads, a.batch, (a.seq_len + kBlockM - 1) / kBlockM);
+  attention_backward_dq_kernel<D><<<dq_grid, kThreads, dq_bytes, stream>>>(a, scale_log2);
+  KERNEL_CHECK();
+}
+
+void attention_backward(const AttentionBackwardArgs<__nv_bfloat16>& a, cudaStream_t stream) {
+  QKD_CHECK(a.batch >= 0 && a.seq_len >= 0, "attention_backward: batch {} / seq_len {} invalid", a.batch,
+            a.seq_len);
+  QKD_CHECK(a.n_heads > 0 && a.n_kv_heads > 0 && a.n_heads % a.n_kv_heads == 0,
+            "attention_backward: n_heads {} is not a positive multiple of n_kv_heads {}", a.n_heads, a.n_kv_heads);
+  QKD_CHECK(a.head_dim == 64 || a.head_dim == 128,
+            "attention_backward: head_dim {} is not supported on CUDA (64 or 128)", a.head_dim);
+  QKD_CHECK(std::isfinite(a.scale), "attention_backward: scale {} is not finite", a.scale);
+  QKD_CHECK(a.n_heads <= 65535 && a.batch <= 65535, "attention_backward: n_heads {} / batch {} exceed the grid",
+            a.n_heads, a.batch);
+  QKD_CHECK((static_cast<int64_t>(a.seq_len) + kBlockM - 1) / kBlockM <= 65535,
+            "attention_backward: seq_len {} exceeds the grid ({} tiles of {} at most)", a.seq_len, 65535, kBlockM);
+  for (const void* p : {static_cast<const void*>(a.dq), static_cast<const void*>(a.dk),
+                        static_cast<const void*>(a.dv), static_cast<const void*>(a.dout),
+                        static_cast<const void*>(a.q), static_cast<const void*>(a.k), static_cast<const void*>(a.v),
+                        static_cast<const void*>(a.out)}) {
+    QKD_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "attention_backward: pointer {} is not 16-byte aligned", p);
+  }
+  if (a.batch == 0 || a.seq_len == 0) return;
+  QKD_CHECK(a.dq != nullptr && a.dk != nullptr && a.dv != nullptr && a.dout != nullptr && a.q != nullptr &&
+                a.k != nullptr && a.v != nullptr && a.out != nullptr && a.lse != nullptr,
+            "attention_backward: dq, dk, dv, dout, q, k, v, out and lse must all be given");
+  QKD_CHECK(a.scratch != nullptr, "attention_backward: scratch of batch * n_heads * seq_len = {} floats is null",
+            static_cast<int64_t>(a.batch) * a.n_heads * a.seq_len);
+  if (a.head_dim == 64) {
+    attention_backward_launch<64>(a, stream);
+  } else {
+    attention_backward_launch<128>(a, stream);
   }
 }
 

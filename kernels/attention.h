@@ -5,6 +5,13 @@
 // The keys/values for positions 0..start_pos[b]+seq_len-1 must already be in the cache (the caller appends the
 // new tokens' k/v first). k/v are addressed by explicit element strides, so the same op serves the generation
 // cache ([batch, n_kv_heads, max_seq, head_dim]) and training's contiguous [batch, seq, n_kv_heads, head_dim].
+//
+// backward (training: start_pos 0 for every sequence, k/v contiguous [batch, seq_len, n_kv_heads, head_dim]),
+// flash-style: the probabilities are recomputed tile by tile from q, k and lse, never stored as seq x seq.
+//   P = softmax(scale q k^T) (causal),  delta[i] = sum_d dout[i,d] out[i,d]
+//   dv = P^T dout,  dP = dout v^T,  dS = P * (dP - delta),  dq = scale dS k,  dk = scale dS^T q
+//   dq, dk, dv overwritten; dk/dv sum over the n_heads / n_kv_heads query heads of their group.
+// The CUDA backward is deterministic: dk/dv and dq are each owned by one block (no float atomics).
 #pragma once
 
 #include <cstdint>
@@ -27,11 +34,31 @@ struct AttentionArgs {
   float scale;               // usually 1/sqrt(head_dim)
 };
 
+template <typename T>
+struct AttentionBackwardArgs {
+  T* dq;              // [batch, seq_len, n_heads, head_dim]     overwritten
+  T* dk;              // [batch, seq_len, n_kv_heads, head_dim]  overwritten
+  T* dv;              // [batch, seq_len, n_kv_heads, head_dim]  overwritten
+  const T* dout;      // [batch, seq_len, n_heads, head_dim]
+  const T* q;         // [batch, seq_len, n_heads, head_dim]
+  const T* k;         // [batch, seq_len, n_kv_heads, head_dim]
+  const T* v;         // [batch, seq_len, n_kv_heads, head_dim]
+  const T* out;       // [batch, seq_len, n_heads, head_dim]     the forward's output
+  const float* lse;   // [batch, n_heads, seq_len]               the forward's lse
+  int batch, seq_len, n_heads, n_kv_heads, head_dim;
+  float scale;
+  float* scratch = nullptr;  // CUDA only: [batch, n_heads, seq_len] for delta
+};
+
 namespace cpu {
 void attention_forward(const AttentionArgs<float>& a);
-}
+void attention_forward(const AttentionArgs<double>& a);
+void attention_backward(const AttentionBackwardArgs<float>& a);
+void attention_backward(const AttentionBackwardArgs<double>& a);
+}  // namespace cpu
 namespace cuda {
 void attention_forward(const AttentionArgs<__nv_bfloat16>& a, cudaStream_t stream);
-}
+void attention_backward(const AttentionBackwardArgs<__nv_bfloat16>& a, cudaStream_t stream);
+}  // namespace cuda
 
 }  // namespace qkd

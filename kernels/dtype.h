@@ -7,6 +7,19 @@
 
 namespace qkd {
 
+// The accumulator of a reduction over values of type T (a weight gradient, a loss): fp32 for fp32 and the 16-bit
+// types, fp64 for fp64 (the CPU twins run in double for the finite-difference checks).
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;  // bf16 is the top half of an fp32
   float f;

@@ -40,24 +40,51 @@ uint16_t round_up(double v, ScaleType t) {
 
 const char* type_name(ScaleType t) { return t == ScaleType::BF16 ? "bf16" : "fp16"; }
 
-// u = clamp(round(x / s) + 8, 0, 15), rounding half to even; s == 0 puts every value on the zero point.
-uint8_t quantize_symmetric(float x, float s) {
-  if (s == 0.0f) return kInt4Zero;
-  const float q = std::nearbyint(x / s) + kInt4Zero;
-  return static_cast<uint8_t>(q < 0.0f ? 0.0f : (q > 15.0f ? 15.0f : q));
-}
-
-double symmetric_sse(const float* x, int len, float s) {
+// Squared error of the grid [qmin, qmax] with step s; s * q is exact in fp32 (a 16-bit float times |q| <= 2^7).
+double symmetric_sse(const float* x, int len, float s, int qmin, int qmax) {
   double sse = 0.0;
   for (int i = 0; i < len; ++i) {
-    const double e = static_cast<double>(x[i]) -
-                     int4_dequant_value(quantize_symmetric(x[i], s), s, 0.0f, Int4Symmetry::Symmetric);
+    const double e = static_cast<double>(x[i]) - s * static_cast<float>(int4_symmetric_q(x[i], s, qmin, qmax));
     sse += e * e;
   }
   return sse;
 }
 
 }  // namespace
+
+int int4_symmetric_q(float x, float s, int qmin, int qmax) {
+  if (s == 0.0f) return 0;  // an all-zero group: every value on the zero point
+  const float q = std::nearbyint(x / s);  // the default rounding mode: half to even
+  return q < static_cast<float>(qmin) ? qmin : (q > static_cast<float>(qmax) ? qmax : static_cast<int>(q));
+}
+
+uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t) {
+  QKD_CHECK(len > 0, "int4_symmetric_scale: length {} must be positive", len);
+  QKD_CHECK(qmin < 0 && qmax > 0, "int4_symmetric_scale: grid [{}, {}] must straddle 0", qmin, qmax);
+  float amax = 0.0f, ext = 0.0f;
+  for (int i = 0; i < len; ++i) {
+    if (std::fabs(x[i]) > amax) {
+      amax = std::fabs(x[i]);
+      ext = x[i];
+    }
+  }
+  const uint16_t candidates[2] = {to_code(amax / static_cast<float>(qmax), t),
+                                  to_code(ext / static_cast<float>(qmin), t)};
+  double best_sse = INFINITY;
+  uint16_t best = 0;
+  for (uint16_t c : candidates) {
+    const float s = int4_scale_to_float(c, t);
+    if (!std::isfinite(s)) continue;
+    const double sse = symmetric_sse(x, len, s, qmin, qmax);
+    if (sse < best_sse) {
+      best_sse = sse;
+      best = c;
+    }
+  }
+  QKD_CHECK(best_sse < INFINITY, "int4_symmetric_scale: max |x| {} needs a scale beyond the {} range", amax,
+            type_name(t));
+  return best;
+}
 
 float int4_scale_to_float(uint16_t bits, ScaleType t) {
   return t == ScaleType::BF16 ? bf16_to_float(bits) : fp16_to_float(bits);
@@ -111,28 +138,10 @@ Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, Sc
   QKD_CHECK(len > 0, "int4_quantize_group: length {} must be positive", len);
   Int4GroupCodes codes;
   if (sym == Int4Symmetry::Symmetric) {
-    float amax = 0.0f, ext = 0.0f;
-    for (int i = 0; i < len; ++i) {
-      if (std::fabs(x[i]) > amax) {
-        amax = std::fabs(x[i]);
-        ext = x[i];
-      }
-    }
-    const uint16_t candidates[2] = {to_code(amax / 7.0f, t), to_code(ext / -8.0f, t)};
-    double best_sse = INFINITY;
-    for (uint16_t c : candidates) {
-      const float s = int4_scale_to_float(c, t);
-      if (!std::isfinite(s)) continue;
-      const double sse = symmetric_sse(x, len, s);
-      if (sse < best_sse) {
-        best_sse = sse;
-        codes.scale = c;
-      }
-    }
-    QKD_CHECK(best_sse < INFINITY, "int4_quantize_group: max |x| {} needs a scale beyond the {} range", amax,
-              type_name(t));
+    constexpr int kQmin = -kInt4Zero, kQmax = 15 - kInt4Zero;
+    codes.scale = int4_symmetric_scale(x, len, kQmin, kQmax, t);
     const float s = int4_scale_to_float(codes.scale, t);
-    for (int i = 0; i < len; ++i) u[i] = quantize_symmetric(x[i], s);
+    for (int i = 0; i < len; ++i) u[i] = static_cast<uint8_t>(int4_symmetric_q(x[i], s, kQmin, kQmax) + kInt4Zero);
     return codes;
   }
 

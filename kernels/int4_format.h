@@ -102,6 +102,14 @@ struct Int4GroupCodes {
 };
 Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u);
 
+// The symmetric rule above on any signed grid [qmin, qmax] (int4: -8..7, u = q + 8), shared with the trainer's
+// fake quantization (kernels/fake_quant.h) so that its 4-bit initial scales are int4_quantize's bit for bit.
+//   int4_symmetric_q:     q = clamp(round_half_even(x / s), qmin, qmax); s == 0 gives q = 0
+//   int4_symmetric_scale: the code of the better of bf16/fp16(amax / qmax) and (x_ext / qmin) by squared error
+//                         (ties keep amax / qmax); throws when neither fits the storage type
+int int4_symmetric_q(float x, float s, int qmin, int qmax);
+uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t);
+
 // An owning host copy, e.g. what int4_quantize returns or a loader fills.
 struct Int4HostWeight {
   std::vector<uint32_t> packed;  // [n, k/8]

@@ -5,6 +5,8 @@
 // Hugging Face checkpoints store q_proj/k_proj rows permuted for the rotate-half form; the loader undoes that
 // permutation, so every kernel sees interleaved pairs. inv_freq comes from the runtime (it holds any RoPE
 // scaling, e.g. llama3's), so this kernel knows nothing about models.
+// backward: the rotation is orthogonal, so the gradient is rotated back by -angle, in place (x holds dL/d(out)
+// on entry and dL/d(in) on return).
 #pragma once
 
 #include <cstdint>
@@ -24,9 +26,13 @@ struct RopeArgs {
 
 namespace cpu {
 void rope_forward(const RopeArgs<float>& a);
-}
+void rope_forward(const RopeArgs<double>& a);
+void rope_backward(const RopeArgs<float>& a);
+void rope_backward(const RopeArgs<double>& a);
+}  // namespace cpu
 namespace cuda {
 void rope_forward(const RopeArgs<__nv_bfloat16>& a, cudaStream_t stream);
-}
+void rope_backward(const RopeArgs<__nv_bfloat16>& a, cudaStream_t stream);
+}  // namespace cuda
 
 }  // namespace qkd

@@ -9,10 +9,19 @@
 //    whatever tile it falls in: a row's result does not depend on m or on the threads, so decoding a token
 //    alone gives the same bits as decoding it in a batch.
 //  - m = 1 (decode) is a GEMV bound by streaming w: threads split n.
-// The backward (dx = dy . w, dw += dy^T . x) will sit beside the forward in this file.
+// backward of y = x . w^T:
+//   data:    dx[m, k]  (=|+=)  dy[m, n] . w[n, k]
+//   weight:  dw[n, k]  (=|+=)  dy[m, n]^T . x[m, k]
+// Both are the forward's kernel on transposed operands: dx = dy . (w^T)^T and dw = (dy^T) . (x^T)^T. The
+// reduction dimension (n for dx, m for dw) is cut into chunks of kReduceChunk, each transposed into scratch
+// and added on in chunk order: the scratch is at most [max(m, n, k), kReduceChunk] however long the reduction
+// (vocab_size for the LM head's dx, thousands of tokens for every dw), and each chunk is short enough for the
+// forward's L2 blocking. The copies cost O(1/m + 1/k) (dx) and O(1/n + 1/k) (dw) of the arithmetic. The
+// chunk order is fixed, so the result is the same bits on every run.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels/error.h"
 #include "kernels/matmul.h"
@@ -101,6 +110,30 @@ QKD_CPU_CLONES void matmul_block(const MatmulArgs& a, int m0, int m1, int n0, in
   }
 }
 
+// dst[c, r] = src[r, c] for the rows [r0, r1) and all cols of src (row stride ld_src); dst is
+// [cols, r1 - r0], contiguous. Square tiles keep both the reads and the writes within a few cache lines.
+constexpr int kTransposeTile = 32;
+
+void transpose(const float* src, int64_t ld_src, int r0, int r1, int cols, float* dst) {
+  const int rows = r1 - r0;
+  const int col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(rows) * cols > 65536)
+  for (int ct = 0; ct < col_tiles; ++ct) {
+    const int c0 = ct * kTransposeTile, c1 = std::min(cols, c0 + kTransposeTile);
+    for (int rt = 0; rt < rows; rt += kTransposeTile) {
+      const int rt1 = std::min(rows, rt + kTransposeTile);
+      for (int c = c0; c < c1; ++c) {
+        for (int r = rt; r < rt1; ++r) dst[static_cast<int64_t>(c) * rows + r] = src[(r0 + r) * ld_src + c];
+      }
+    }
+  }
+}
+
+// Reduction chunk of the backward passes: 512 floats = 2 KB a row, so the forward's 48 + 64 operand rows of a
+// block (224 KB) stay in L2, and the LM head's [vocab_size, chunk] transposed dy is 64 MB, not the full
+// [vocab_size, tokens].
+constexpr int kReduceChunk = 512;
+
 }  // namespace
 
 void matmul_forward(const MatmulArgs& a) {
@@ -119,6 +152,59 @@ void matmul_forward(const MatmulArgs& a) {
     const int bm = static_cast<int>(blk % blocks_m);
     const int bn = static_cast<int>(blk / blocks_m);
     matmul_block(a, bm * kBlockM, std::min(a.m, (bm + 1) * kBlockM), bn * block_n, std::min(a.n, (bn + 1) * block_n));
+  }
+}
+
+void matmul_backward_data(const MatmulBackwardDataArgs& a) {
+  QKD_CHECK(a.m >= 0 && a.n >= 0 && a.k >= 0, "matmul_backward_data: negative shape m {} n {} k {}", a.m, a.n, a.k);
+  QKD_CHECK(a.dx != a.dy && a.dx != a.w, "matmul_backward_data: dx may not alias dy or w");
+  if (a.m == 0 || a.k == 0) return;
+  if (a.n == 0) {  // an empty sum: dx = 0, or dx unchanged
+    if (a.mode == Accumulate::Overwrite) std::fill(a.dx, a.dx + static_cast<int64_t>(a.m) * a.k, 0.0f);
+    return;
+  }
+  // dx[m, k] (=|+=) sum over n-chunks of dy[:, chunk] . (w[chunk, :]^T)^T, i.e. the forward with
+  // x' = dy[:, chunk] as [m, nc] and w' = w[chunk, :]^T as [k, nc].
+  const int chunk = std::min(a.n, kReduceChunk);
+  // With a single chunk dy is already the contiguous [m, n] operand; only a chunked dy is copied out.
+  std::vector<float> dy_chunk(chunk < a.n ? static_cast<size_t>(a.m) * chunk : 0);
+  std::vector<float> wt_chunk(static_cast<size_t>(a.k) * chunk);
+  for (int n0 = 0; n0 < a.n; n0 += chunk) {
+    const int nc = std::min(chunk, a.n - n0);
+    const float* dy = a.dy;
+    if (chunk < a.n) {
+#pragma omp parallel for schedule(static) if (static_cast<int64_t>(a.m) * nc > 65536)
+      for (int i = 0; i < a.m; ++i) {
+        std::memcpy(dy_chunk.data() + static_cast<int64_t>(i) * nc, a.dy + static_cast<int64_t>(i) * a.n + n0,
+                    static_cast<size_t>(nc) * sizeof(float));
+      }
+      dy = dy_chunk.data();
+    }
+    transpose(a.w, a.k, n0, n0 + nc, a.k, wt_chunk.data());
+    const Accumulate mode = n0 == 0 ? a.mode : Accumulate::Add;
+    matmul_forward({a.dx, dy, wt_chunk.data(), a.m, a.k, nc, mode});
+  }
+}
+
+void matmul_backward_weight(const MatmulBackwardWeightArgs& a) {
+  QKD_CHECK(a.m >= 0 && a.n >= 0 && a.k >= 0, "matmul_backward_weight: negative shape m {} n {} k {}", a.m, a.n,
+            a.k);
+  QKD_CHECK(a.dw != a.dy && a.dw != a.x, "matmul_backward_weight: dw may not alias dy or x");
+  if (a.n == 0 || a.k == 0) return;
+  if (a.m == 0) {  // no tokens: dw = 0, or dw unchanged
+    if (a.mode == Accumulate::Overwrite) std::fill(a.dw, a.dw + static_cast<int64_t>(a.n) * a.k, 0.0f);
+    return;
+  }
+  // dw[n, k] (=|+=) sum over m-chunks of dy[chunk, :]^T . (x[chunk, :]^T)^T, i.e. the forward with
+  // x' = dy[chunk, :]^T as [n, mc] and w' = x[chunk, :]^T as [k, mc].
+  const int chunk = std::min(a.m, kReduceChunk);
+  std::vector<float> dyt_chunk(static_cast<size_t>(a.n) * chunk), xt_chunk(static_cast<size_t>(a.k) * chunk);
+  for (int m0 = 0; m0 < a.m; m0 += chunk) {
+    const int mc = std::min(chunk, a.m - m0);
+    transpose(a.dy, a.n, m0, m0 + mc, a.n, dyt_chunk.data());
+    transpose(a.x, a.k, m0, m0 + mc, a.k, xt_chunk.data());
+    const Accumulate mode = m0 == 0 ? a.mode : Accumulate::Add;
+    matmul_forward({a.dw, dyt_chunk.data(), xt_chunk.data(), a.n, a.k, mc, mode});
   }
 }
 

@@ -1,0 +1,165 @@
+// Whole-model training gradients against PyTorch autograd (tests/gen_train_fixtures.py): the loss and the
+// gradient of every trainable tensor of a tiny LLaMA, for a dense student (CE + KL + contrastive) and for a QAT
+// student (int4 g32 fake quantization with LSQ scales and clip factors, o/v frozen as int4).
+// Built twice: test_train_grad on the CPU backend (fp32: relative error per tensor within 1e-4) and
+// test_gpu_train_grad on CUDA (bf16 activations and compute weights: within 5e-2, see kGpuTol).
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <doctest/doctest.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "kernels/fake_quant.h"
+#include "loader/hf_checkpoint.h"
+#include "loader/safetensors.h"
+#include "test_util.h"
+#include "train/engine.h"
+#include "train/plan.h"
+
+namespace {
+
+using namespace qkd;
+using namespace qkd::train;
+
+#ifdef QKD_TEST_CUDA
+constexpr runtime::BackendKind kBackend = runtime::BackendKind::Cuda;
+// bf16 activations and weights: each op rounds to 8 significant bits (relative 2^-9 = 2e-3); the gradient passes
+// some 30 such roundings from the loss to the embedding, which compounds to about 1e-2 in the worst tensors.
+constexpr double kTol = 5e-2;
+#else
+constexpr runtime::BackendKind kBackend = runtime::BackendKind::Cpu;
+// fp32 throughout; the reference sums in another order: a few ulps per op over ~30 ops and 48-token reductions.
+constexpr double kTol = 1e-4;
+#endif
+
+std::string fixture_dir() { return test::fixtures_dir() + "/train/tiny-train"; }
+
+struct Fixture {
+  nlohmann::json meta;
+  std::vector<int32_t> windows;
+  int batch = 0, seq = 0;
+};
+
+Fixture load_fixture() {
+  Fixture f;
+  std::ifstream in(fixture_dir() + "/windows.json");
+  REQUIRE_MESSAGE(in.good(), "missing fixture: run tests/gen_train_fixtures.py on the GPU machine");
+  f.meta = nlohmann::json::parse(in);
+  for (const auto& row : f.meta["windows"]) {
+    for (const auto& t : row) f.windows.push_back(t.get<int32_t>());
+    f.seq = static_cast<int>(row.size()) - 1;
+    ++f.batch;
+  }
+  return f;
+}
+
+std::vector<float> tensor(const SafetensorsFile& f, const std::string& name) { return to_f32(f.get(name)); }
+
+// Relative L2 error of `got` against `want`.
+double rel_err(const float* got, const std::vector<float>& want) {
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void compare_case(const std::string& case_name, const QuantSpec& q) {
+  const Fixture fx = load_fixture();
+  const ModelWeights student = load_hf_checkpoint(fixture_dir() + "/student");
+  const ModelWeights teacher = load_hf_checkpoint(fixture_dir() + "/teacher");
+  const auto ref = SafetensorsFile::open(fixture_dir() + "/" + case_name + ".safetensors");
+  const Plan plan = make_plan(student.config, q);
+  HostInit init = init_parameters(plan, student, nullptr);
+  if (q.bits != kDenseBits) {
+    // The fixture's step sizes and clip factors, and the frozen layers quantized with the fixture's scales.
+    for (size_t l = 0; l < plan.layers.size(); ++l) {
+      for (const LinearPlan* lin : plan.layers[l].linears()) {
+        const std::string mod = fmt::format("model.layers.{}.{}", l,
+                                            std::string(lin->module == Int4Module::Q      ? "self_attn.q_proj"
+                                                        : lin->module == Int4Module::K    ? "self_attn.k_proj"
+                                                        : lin->module == Int4Module::V    ? "self_attn.v_proj"
+                                                        : lin->module == Int4Module::O    ? "self_attn.o_proj"
+                                                        : lin->module == Int4Module::Gate ? "mlp.gate_proj"
+                                                        : lin->module == Int4Module::Up   ? "mlp.up_proj"
+                                                                                          : "mlp.down_proj"));
+        if (lin->kind == LinearKind::Frozen) {
+          const std::vector<float> s = tensor(*ref, "init." + mod + ".frozen_scales");
+          const TensorView& wv = lin->module == Int4Module::O ? student.layers[l].wo : student.layers[l].wv;
+          const std::vector<float> w = to_f32(wv);
+          init.frozen[static_cast<size_t>(lin->frozen)] =
+              cpu::fake_quant_export(w.data(), s.data(), nullptr, lin->n, lin->k, q.group_size, q.bits);
+          continue;
+        }
+        const std::vector<float> s = tensor(*ref, "init." + mod + ".scales");
+        const Segment& ss = plan.segments[static_cast<size_t>(lin->scale)];
+        REQUIRE(static_cast<int64_t>(s.size()) == ss.numel);
+        std::copy(s.begin(), s.end(), init.master.begin() + ss.offset);
+        const std::vector<float> c = tensor(*ref, "init." + mod + ".clip");
+        init.master[static_cast<size_t>(plan.segments[static_cast<size_t>(lin->clip)].offset)] = c[0];
+      }
+    }
+  }
+  EngineOptions eo;
+  eo.backend = kBackend;
+  eo.micro_batch = fx.batch;
+  eo.seq_len = fx.seq;
+  eo.loss.ce_weight = fx.meta["ce_weight"].get<float>();
+  eo.loss.kd_weight = fx.meta["kd_weight"].get<float>();
+  eo.loss.temperature = fx.meta["temperature"].get<float>();
+  eo.loss.contrastive_weight = case_name == "dense" ? fx.meta["contrastive_weight"].get<float>() : 0.0f;
+  eo.loss.contrastive_temperature = fx.meta["contrastive_temperature"].get<float>();
+  auto engine = make_engine(eo, plan, init, &teacher);
+  engine->begin_step(int64_t{fx.batch} * fx.seq);
+  const LossSums s = engine->accumulate(fx.windows.data(), fx.batch);
+  engine->finish_gradients();
+  const std::vector<float> g = engine->gradients();
+
+  const std::vector<float> want_loss = tensor(*ref, "loss");
+  const double rows = static_cast<double>(s.rows);
+  const double loss = (eo.loss.ce_weight * s.ce + eo.loss.kd_weight * s.kl + eo.loss.contrastive_weight * s.contrastive) / rows;
+  INFO(fmt::format("{}: loss {} (ce {} kl {} ctr {}), PyTorch {} (ce {} kl {} ctr {})", case_name, loss, s.ce / rows,
+                   s.kl / rows, s.contrastive / rows, want_loss[0], want_loss[1], want_loss[2], want_loss[3]));
+  CHECK(std::abs(loss - want_loss[0]) <= kTol * std::abs(want_loss[0]));
+
+  int compared = 0;
+  double worst = 0.0;
+  std::string worst_name;
+  for (const Segment& seg : plan.segments) {
+    const std::vector<float> want = tensor(*ref, "grad." + seg.name);
+    REQUIRE_MESSAGE(static_cast<int64_t>(want.size()) == seg.numel, seg.name);
+    const double e = rel_err(g.data() + seg.offset, want);
+    INFO(fmt::format("{}: {} relative error {:.3e}", case_name, seg.name, e));
+    CHECK(e <= kTol);
+    if (e > worst) {
+      worst = e;
+      worst_name = seg.name;
+    }
+    ++compared;
+  }
+  MESSAGE(fmt::format("{} on {}: {} gradient tensors, worst relative error {:.3e} ({}); loss {:.6f} vs {:.6f}",
+                      case_name, engine->backend_name(), compared, worst, worst_name, loss, want_loss[0]));
+}
+
+}  // namespace
+
+TEST_CASE("dense student: loss and every gradient match PyTorch autograd (CE + KL + contrastive)") {
+  QuantSpec q;
+  q.bits = kDenseBits;
+  q.frozen = 0;
+  compare_case("dense", q);
+}
+
+TEST_CASE("QAT student: int4 g32 LSQ scales, clip factors, frozen o/v: gradients match PyTorch autograd") {
+  QuantSpec q;
+  q.bits = 4;
+  q.group_size = 32;
+  q.clip = true;
+  q.frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
+  compare_case("qat", q);
+}

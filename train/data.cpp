@@ -1,0 +1,115 @@
+#include "train/data.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "kernels/error.h"
+#include "runtime/eval.h"
+#include "runtime/generate.h"
+#include "runtime/sampler.h"
+
+namespace qkd::train {
+
+namespace {
+uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+}  // namespace
+
+Windows make_windows(std::span<const int32_t> stream, int seq_len) {
+  QKD_CHECK(seq_len >= 1, "make_windows: seq_len {} must be positive", seq_len);
+  Windows w;
+  w.seq_len = seq_len;
+  for (size_t i = 0; i + static_cast<size_t>(seq_len) < stream.size(); i += static_cast<size_t>(seq_len))
+    w.tokens.insert(w.tokens.end(), stream.begin() + static_cast<std::ptrdiff_t>(i),
+                    stream.begin() + static_cast<std::ptrdiff_t>(i) + seq_len + 1);
+  return w;
+}
+
+std::vector<int32_t> tokenize_files(const std::vector<std::string>& paths, const Tokenizer& tok) {
+  std::vector<int32_t> stream;
+  for (const std::string& p : paths) {
+    std::ifstream f(p, std::ios::binary);
+    QKD_CHECK(f.good(), "--data {}: cannot open the file", p);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    QKD_CHECK(!f.bad(), "--data {}: read error", p);
+    const std::string text = ss.str();
+    const auto docs = runtime::split_documents(text);
+    QKD_CHECK(!docs.empty(), "--data {}: the file holds no text", p);
+    const std::vector<int32_t> t = runtime::tokenize_documents(tok, docs);
+    stream.insert(stream.end(), t.begin(), t.end());
+  }
+  return stream;
+}
+
+Windows split_off_tail(Windows& w, float fraction) {
+  Windows v;
+  v.seq_len = w.seq_len;
+  const int64_t n = w.count();
+  if (fraction <= 0.0f || n < 2) return v;
+  int64_t k = static_cast<int64_t>(std::ceil(static_cast<double>(fraction) * static_cast<double>(n)));
+  k = std::clamp<int64_t>(k, 1, n - 1);
+  const size_t cut = static_cast<size_t>((n - k) * (w.seq_len + 1));
+  v.tokens.assign(w.tokens.begin() + static_cast<std::ptrdiff_t>(cut), w.tokens.end());
+  w.tokens.resize(cut);
+  return v;
+}
+
+Windows sample_from_teacher(runtime::Model& teacher, int32_t bos, int n, int seq_len, uint64_t seed) {
+  Windows w;
+  w.seq_len = seq_len;
+  w.tokens.reserve(static_cast<size_t>(n) * (seq_len + 1));
+  for (int i = 0; i < n; ++i) {
+    runtime::SamplerParams sp;
+    sp.temperature = 1.0f;
+    sp.top_k = 0;
+    sp.top_p = 1.0f;
+    sp.seed = seed + static_cast<uint64_t>(i);
+    runtime::Sampler sampler(sp);
+    runtime::GenerateParams gp;
+    gp.max_new_tokens = seq_len;
+    const int32_t prompt[1] = {bos};
+    // No stop test: a sampled end-of-sequence token is data too, and every window needs seq_len tokens.
+    const runtime::GenerateResult r = runtime::generate(teacher, sampler, prompt, 0, gp, {}, {});
+    QKD_CHECK(static_cast<int>(r.tokens.size()) == seq_len,
+              "--teacher-data: the teacher produced {} of {} tokens (its context is {})", r.tokens.size(), seq_len,
+              teacher.ctx());
+    w.tokens.push_back(bos);
+    w.tokens.insert(w.tokens.end(), r.tokens.begin(), r.tokens.end());
+  }
+  return w;
+}
+
+StepOrder::StepOrder(int64_t n_windows, uint64_t seed) : n_(n_windows), seed_(seed) {
+  QKD_CHECK(n_windows > 0, "no training windows: the data is shorter than one window of seq_len + 1 tokens");
+}
+
+const std::vector<int64_t>& StepOrder::epoch(int64_t e) {
+  if (e == cached_epoch_) return perm_;
+  perm_.resize(static_cast<size_t>(n_));
+  for (int64_t i = 0; i < n_; ++i) perm_[static_cast<size_t>(i)] = i;
+  uint64_t s = seed_ ^ (0xd1b54a32d192ed03ull * static_cast<uint64_t>(e + 1));
+  for (int64_t i = n_ - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(splitmix64(s) % static_cast<uint64_t>(i + 1));
+    std::swap(perm_[static_cast<size_t>(i)], perm_[static_cast<size_t>(j)]);
+  }
+  cached_epoch_ = e;
+  return perm_;
+}
+
+std::vector<int64_t> StepOrder::step_windows(int64_t step, int batch) {
+  std::vector<int64_t> out;
+  for (int i = 0; i < batch; ++i) {
+    const int64_t g = step * batch + i;
+    out.push_back(epoch(g / n_)[static_cast<size_t>(g % n_)]);
+  }
+  return out;
+}
+
+}  // namespace qkd::train

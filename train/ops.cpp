@@ -1,0 +1,156 @@
+#include "train/ops.h"
+
+#include <cstring>
+
+#include "kernels/cuda_check.h"
+#include "kernels/error.h"
+#include "kernels/int4_gemm.h"
+
+namespace qkd::train {
+
+// ------------------------------------------------------------------------------------------------------ CPU
+
+Int4Weight CpuOps::upload_int4(const Int4HostWeight& w) {
+  uint32_t* packed = alloc<uint32_t>(static_cast<int64_t>(w.packed.size()));
+  uint16_t* scales = alloc<uint16_t>(static_cast<int64_t>(w.scales.size()));
+  upload(packed, w.packed.data(), static_cast<int64_t>(w.packed.size()));
+  upload(scales, w.scales.data(), static_cast<int64_t>(w.scales.size()));
+  uint16_t* mins = nullptr;
+  if (!w.mins.empty()) {
+    mins = alloc<uint16_t>(static_cast<int64_t>(w.mins.size()));
+    upload(mins, w.mins.data(), static_cast<int64_t>(w.mins.size()));
+  }
+  return {packed, scales, mins, w.n, w.k, w.group_size, w.sym, w.scale_type};
+}
+
+namespace {
+// y (=|+=) alpha * t, for the rare alpha != 1 products (the contrastive loss's 1 / temperature).
+void scaled_store(float* y, const std::vector<float>& t, float alpha, Accumulate mode) {
+  for (size_t i = 0; i < t.size(); ++i) y[i] = mode == Accumulate::Add ? y[i] + alpha * t[i] : alpha * t[i];
+}
+}  // namespace
+
+void CpuOps::linear(T* y, const T* x, const T* w, int m, int n, int k, Accumulate mode, float alpha) {
+  if (alpha == 1.0f) return cpu::matmul_forward({y, x, w, m, n, k, mode});
+  std::vector<float> t(static_cast<size_t>(m) * n);
+  cpu::matmul_forward({t.data(), x, w, m, n, k, Accumulate::Overwrite});
+  scaled_store(y, t, alpha, mode);
+}
+
+void CpuOps::linear_dgrad(T* dx, const T* dy, const T* w, int m, int n, int k, Accumulate mode, float alpha) {
+  if (alpha == 1.0f) return cpu::matmul_backward_data({dx, dy, w, m, n, k, mode});
+  std::vector<float> t(static_cast<size_t>(m) * k);
+  cpu::matmul_backward_data({t.data(), dy, w, m, n, k, Accumulate::Overwrite});
+  scaled_store(dx, t, alpha, mode);
+}
+
+void CpuOps::linear_wgrad(float* dw, const T* dy, const T* x, int m, int n, int k) {
+  cpu::matmul_backward_weight({dw, dy, x, m, n, k, Accumulate::Add});
+}
+
+void CpuOps::int4_linear(T* y, const T* x, const Int4Weight& w, int m, Accumulate mode) {
+  cpu::int4_gemm_forward({y, x, w, m, mode});
+}
+
+void CpuOps::int4_linear_dgrad(T* dx, const T* dy, const Int4Weight& w, int m, Accumulate mode) {
+  cpu::int4_gemm_backward({dx, dy, w, m, mode});
+}
+
+// ----------------------------------------------------------------------------------------------------- CUDA
+
+CudaOps::CudaOps() {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  QKD_CHECK(err == cudaSuccess && n > 0, "the CUDA backend needs a GPU, and none is available ({})",
+            err == cudaSuccess ? "no device" : cudaGetErrorString(err));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  lt_ = std::make_unique<CublasLt>();
+  sumsq_ = alloc<float>(1 + kSumSquaresBlocks);
+}
+
+CudaOps::~CudaOps() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  lt_.reset();
+  for (void* p : owned_) cudaFree(p);
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+void* CudaOps::alloc_bytes(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky allocation error so later calls report their own
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    fail("the GPU cannot hold the training buffers: a buffer of {} bytes was asked for with {} bytes free of {} "
+         "({}); lower --batch or --seq-len, or use --micro-batch",
+         bytes, free_b, total_b, cudaGetErrorString(err));
+  }
+  owned_.push_back(p);
+  CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_));
+  return p;
+}
+
+void CudaOps::copy_bytes(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, stream_));
+  if (kind == cudaMemcpyDeviceToHost) CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaOps::zero_bytes(void* p, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, stream_)); }
+
+void CudaOps::sync() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+Int4Weight CudaOps::upload_int4(const Int4HostWeight& w) {
+  uint32_t* packed = alloc<uint32_t>(static_cast<int64_t>(w.packed.size()));
+  uint16_t* scales = alloc<uint16_t>(static_cast<int64_t>(w.scales.size()));
+  upload(packed, w.packed.data(), static_cast<int64_t>(w.packed.size()));
+  upload(scales, w.scales.data(), static_cast<int64_t>(w.scales.size()));
+  uint16_t* mins = nullptr;
+  if (!w.mins.empty()) {
+    mins = alloc<uint16_t>(static_cast<int64_t>(w.mins.size()));
+    upload(mins, w.mins.data(), static_cast<int64_t>(w.mins.size()));
+  }
+  sync();  // the host copies may go away once this returns
+  return {packed, scales, mins, w.n, w.k, w.group_size, w.sym, w.scale_type};
+}
+
+void CudaOps::to_compute(T* dst, const float* host_src, int64_t n) {
+  // Only at set-up and after a checkpoint is loaded (AdamW writes the bf16 copy on every step). Rounded on the
+  // host with the same nearest-even rule as the device.
+  std::vector<__nv_bfloat16> b(static_cast<size_t>(n));
+  for (size_t i = 0; i < b.size(); ++i) b[i] = __float2bfloat16_rn(host_src[i]);
+  upload(dst, b.data(), n);
+  sync();
+}
+
+void CudaOps::linear(T* y, const T* x, const T* w, int m, int n, int k, Accumulate mode, float alpha) {
+  GemmArgs g{y, x, w, m, n, k, Transpose::No, Transpose::Yes, GemmOut::BF16, mode, alpha};
+  cuda::gemm(*lt_, g, stream_);
+}
+
+void CudaOps::linear_dgrad(T* dx, const T* dy, const T* w, int m, int n, int k, Accumulate mode, float alpha) {
+  GemmArgs g{dx, dy, w, m, k, n, Transpose::No, Transpose::No, GemmOut::BF16, mode, alpha};
+  cuda::gemm(*lt_, g, stream_);
+}
+
+void CudaOps::linear_wgrad(float* dw, const T* dy, const T* x, int m, int n, int k) {
+  GemmArgs g{dw, dy, x, n, k, m, Transpose::Yes, Transpose::No, GemmOut::F32, Accumulate::Add, 1.0f};
+  cuda::gemm(*lt_, g, stream_);
+}
+
+void CudaOps::int4_linear(T* y, const T* x, const Int4Weight& w, int m, Accumulate mode) {
+  cuda::int4_gemm_forward({y, x, w, m, mode}, stream_);
+}
+
+void CudaOps::int4_linear_dgrad(T* dx, const T* dy, const Int4Weight& w, int m, Accumulate mode) {
+  cuda::int4_gemm_backward({dx, dy, w, m, mode}, stream_);
+}
+
+double CudaOps::sum_squares(const float* x, int64_t n) {
+  cuda::sum_squares({sumsq_, x, n, sumsq_ + 1}, stream_);
+  float out = 0.0f;
+  download(&out, sumsq_, 1);
+  return out;
+}
+
+}  // namespace qkd::train
