@@ -8,6 +8,7 @@
 //     replay (ms/token), the same step through Model::forward with fp32 logits copied to the host and through
 //     forward_sample (host clock, per token), the bytes the step reads (weights + the KV cache of C + 1
 //     positions) and the bandwidth that makes, also as a fraction of the copy's.
+// With --train it times distillation steps of the training engine instead (apps/train_bench.h).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,7 +22,9 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "apps/bench_util.h"
 #include "apps/cli.h"
+#include "apps/train_bench.h"
 #include "kernels/cuda_check.h"
 #include "kernels/error.h"
 #include "loader/mmap_file.h"
@@ -32,30 +35,11 @@
 
 namespace {
 
-using qkd::runtime::CudaEvent;
+using qkd::bench::Clock;
+using qkd::bench::event_ms;
+using qkd::bench::median;
+using qkd::bench::ms_since;
 using qkd::runtime::CudaModel;
-using Clock = std::chrono::steady_clock;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 == 1 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-double ms_since(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
-
-// Elapsed device time of one call of fn, between events recorded on `stream` around it.
-template <typename Fn>
-double event_ms(cudaStream_t stream, Fn&& fn) {
-  CudaEvent e0, e1;
-  CUDA_CHECK(cudaEventRecord(e0.get(), stream));
-  fn();
-  CUDA_CHECK(cudaEventRecord(e1.get(), stream));
-  CUDA_CHECK(cudaEventSynchronize(e1.get()));
-  float ms = 0.0f;
-  CUDA_CHECK(cudaEventElapsedTime(&ms, e0.get(), e1.get()));
-  return ms;
-}
 
 // A model shape from models/<name>.json (or a path to such a file).
 qkd::ModelConfig load_preset(const std::string& name, std::string* label) {
@@ -161,7 +145,36 @@ int main(int argc, char** argv) {
     p.add("--reps", &reps, "N", "timed repetitions of each decode measurement (at least 20)");
     p.add("--seed", &seed, "N", "seed of the random weights and tokens");
     p.add_switch("--json", &json, "print one JSON object instead of the table");
+    bool train = false;
+    qkd::bench::TrainBenchOptions to;
+    p.add_switch("--train", &train,
+                 "time distillation steps of the training engine instead (teacher forward, int4 g128 student with o,v "
+                 "frozen forward and backward, KL loss, AdamW), with MFU; needs --preset");
+    p.add("--batch", &to.batch, "N", "--train: sequences per step (one micro-batch)");
+    p.add("--seq-len", &to.seq_len, "N", "--train: tokens per sequence");
+    p.add("--steps", &to.steps, "N", "--train: timed steps (median reported)");
+    p.add("--warmup", &to.warmup, "N", "--train: untimed steps first");
+    p.add("--peak-tflops", &to.peak_tflops, "X", "--train: the GPU's dense bf16 peak that MFU is a fraction of");
     if (!p.parse(argc, argv)) return 0;
+    if (train) {
+      if (preset.empty() || !model_path.empty()) throw qkd::cli::UsageError("--train takes --preset (and not -m)");
+      if (to.batch < 1 || to.seq_len < 2 || to.steps < 1 || to.warmup < 0)
+        throw qkd::cli::UsageError(fmt::format("--train: --batch {} --seq-len {} --steps {} --warmup {}: batch and "
+                                               "steps must be positive, seq-len at least 2, warmup not negative",
+                                               to.batch, to.seq_len, to.steps, to.warmup));
+      if (!(to.peak_tflops > 0.0f))
+        throw qkd::cli::UsageError(fmt::format("--peak-tflops: {} is not positive", to.peak_tflops));
+      to.seed = seed;
+      std::string label;
+      const qkd::ModelConfig cfg = load_preset(preset, &label);
+      const nlohmann::json r = qkd::bench::train_bench(cfg, label, to);
+      if (json) {
+        std::printf("%s\n", r.dump(2).c_str());
+      } else {
+        qkd::bench::print_train_bench(r);
+      }
+      return 0;
+    }
     if (preset.empty() == model_path.empty()) throw qkd::cli::UsageError("give exactly one of --preset and -m");
     if (quant != "int4" && quant != "bf16")
       throw qkd::cli::UsageError(fmt::format("--quant: '{}' is not int4 or bf16", quant));

@@ -32,6 +32,7 @@
 #include <cuda_bf16.h>
 
 #include "kernels/attention.h"
+#include "kernels/block_reduce.cuh"
 #include "kernels/cp_async.cuh"
 #include "kernels/cuda_check.h"
 
@@ -344,8 +345,7 @@ static __global__ void __launch_bounds__(kThreads)
     const float2 dv = __bfloat1622float2(d[c]), ov = __bfloat1622float2(o[c]);
     s += dv.x * ov.x + dv.y * ov.y;
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  s = warp_sum(s);
   if (lane == 0) {
     const int h = static_cast<int>(r % n_heads);
     const int64_t bi = r / n_heads;  // b * seq_len + i

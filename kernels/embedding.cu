@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/bf16x8.cuh"
 #include "kernels/cuda_check.h"
 #include "kernels/embedding.h"
 
@@ -66,16 +67,6 @@ constexpr int kColsPerBlock = kBackwardThreads * 8;           // each thread own
 constexpr int kTargetBlocks = 1024;
 // dout rows of one id loaded back to back before they are summed: independent loads overlap their latency.
 constexpr int kLoadBatch = 8;
-
-__device__ __forceinline__ void add8(float (&acc)[8], const uint4& u) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 p = __bfloat1622float2(h[i]);
-    acc[2 * i] += p.x;
-    acc[2 * i + 1] += p.y;
-  }
-}
 
 }  // namespace
 
@@ -156,7 +147,12 @@ static __global__ void __launch_bounds__(kBackwardThreads)
             }
 #pragma unroll
             for (int k = 0; k < kLoadBatch; ++k) {
-              if (s + k < end) add8(acc, rows[k]);  // token order within the id
+              if (s + k < end) {  // token order within the id
+                float f[kBf16x8];
+                bf16x8_to_float(rows[k], f);
+#pragma unroll
+                for (int e = 0; e < kBf16x8; ++e) acc[e] += f[e];
+              }
             }
           }
           s = end;

@@ -19,6 +19,8 @@
 
 #include <cuda_bf16.h>
 
+#include "kernels/bf16x8.cuh"
+#include "kernels/block_reduce.cuh"
 #include "kernels/cuda_check.h"
 #include "kernels/rmsnorm.h"
 
@@ -26,40 +28,8 @@ namespace qkd::cuda {
 
 namespace {
 
-constexpr int kVec = 8;               // bf16 per 16-byte access
+constexpr int kVec = kBf16x8;  // bf16 per 16-byte access
 constexpr int kMaxThreads = 1024;
-
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[kVec]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < kVec / 2; ++i) {
-    const float2 p = __bfloat1622float2(h[i]);
-    f[2 * i] = p.x;
-    f[2 * i + 1] = p.y;
-  }
-}
-
-__device__ __forceinline__ uint4 pack8(const float (&f)[kVec]) {
-  uint4 u;
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&u);
-#pragma unroll
-  for (int i = 0; i < kVec / 2; ++i) h[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-  return u;
-}
-
-// Sum over the block; every thread gets the result. `scratch` holds one float per warp.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  const int n_warps = blockDim.x / 32;
-  v = lane < n_warps ? scratch[lane] : 0.0f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 }  // namespace
 
@@ -81,15 +51,15 @@ static __global__ void __launch_bounds__(kMaxThreads)
     if (i < vecs_per_row) {
       v[k] = xr[i];
       float f[kVec];
-      unpack8(v[k], f);
+      bf16x8_to_float(v[k], f);
       if (add != nullptr) {
         float d[kVec];
-        unpack8(reinterpret_cast<const uint4*>(add)[row_off + i], d);
+        bf16x8_to_float(reinterpret_cast<const uint4*>(add)[row_off + i], d);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) f[e] += d[e];
-        v[k] = pack8(f);
+        v[k] = float_to_bf16x8(f);
         xr[i] = v[k];
-        unpack8(v[k], f);  // continue with the rounded residual, the one stored
+        bf16x8_to_float(v[k], f);  // continue with the rounded residual, the one stored
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) sum_sq += f[e] * f[e];
@@ -103,11 +73,11 @@ static __global__ void __launch_bounds__(kMaxThreads)
     const int i = threadIdx.x + k * blockDim.x;
     if (i < vecs_per_row) {
       float f[kVec], w[kVec];
-      unpack8(v[k], f);
-      unpack8(reinterpret_cast<const uint4*>(weight)[i], w);
+      bf16x8_to_float(v[k], f);
+      bf16x8_to_float(reinterpret_cast<const uint4*>(weight)[i], w);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) f[e] = (f[e] * r) * w[e];  // HF's order: (x * rstd) * weight
-      outr[i] = pack8(f);
+      outr[i] = float_to_bf16x8(f);
     }
   }
 }
@@ -192,32 +162,31 @@ static __global__ void __launch_bounds__(kBackwardThreads)
         dov[k] = reinterpret_cast<const uint4*>(dout)[row_off + i];
         xv[k] = reinterpret_cast<const uint4*>(x)[row_off + i];
         float d[kVec], xf[kVec], w[kVec];
-        unpack8(dov[k], d);
-        unpack8(xv[k], xf);
-        unpack8(w4[i], w);
+        bf16x8_to_float(dov[k], d);
+        bf16x8_to_float(xv[k], xf);
+        bf16x8_to_float(w4[i], w);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) gn += (d[e] * w[e]) * (xf[e] * rs);
       }
     }
-    const float mean_gn = block_sum(gn, scratch) * inv_dim;
-    __syncthreads();  // the next row's block_sum overwrites scratch
+    const float mean_gn = block_sum(gn, scratch) * inv_dim;  // its trailing barrier frees scratch for the next row
     uint4* dxr = reinterpret_cast<uint4*>(dx) + row_off;
 #pragma unroll
     for (int k = 0; k < VPT; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
       if (i < vecs_per_row) {
         float d[kVec], xf[kVec], w[kVec], g[kVec];
-        unpack8(dov[k], d);
-        unpack8(xv[k], xf);
-        unpack8(w4[i], w);
-        unpack8(dxr[i], g);
+        bf16x8_to_float(dov[k], d);
+        bf16x8_to_float(xv[k], xf);
+        bf16x8_to_float(w4[i], w);
+        bf16x8_to_float(dxr[i], g);
 #pragma unroll
         for (int e = 0; e < kVec; ++e) {
           const float n = xf[e] * rs;
           g[e] += rs * (d[e] * w[e] - n * mean_gn);
           dw[k][e] += d[e] * n;
         }
-        dxr[i] = pack8(g);
+        dxr[i] = float_to_bf16x8(g);
       }
     }
   }

@@ -68,7 +68,43 @@ std::vector<int32_t> tokenize_documents(const Tokenizer& tok, std::span<const st
   return stream;
 }
 
-EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, const EvalProgress& progress) {
+namespace {
+// sum over rows of KL(softmax(ref) || softmax(z)) in double, and the rows whose argmax agree (lowest index on ties).
+void compare_rows(const float* z, const float* ref, int rows, int vocab, double& kl, int64_t& agree) {
+  for (int r = 0; r < rows; ++r) {
+    const float* a = z + static_cast<int64_t>(r) * vocab;
+    const float* b = ref + static_cast<int64_t>(r) * vocab;
+    int arg_a = 0, arg_b = 0;
+    for (int i = 1; i < vocab; ++i) {
+      if (a[i] > a[arg_a]) arg_a = i;
+      if (b[i] > b[arg_b]) arg_b = i;
+    }
+    agree += arg_a == arg_b;
+    double sa = 0.0, sb = 0.0;
+    for (int i = 0; i < vocab; ++i) {
+      sa += std::exp(static_cast<double>(a[i]) - a[arg_a]);
+      sb += std::exp(static_cast<double>(b[i]) - b[arg_b]);
+    }
+    const double lse_a = a[arg_a] + std::log(sa), lse_b = b[arg_b] + std::log(sb);
+    double k = 0.0;
+    for (int i = 0; i < vocab; ++i) {
+      const double lpb = b[i] - lse_b;
+      k += std::exp(lpb) * (lpb - (a[i] - lse_a));
+    }
+    kl += k;
+  }
+}
+}  // namespace
+
+EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, const EvalProgress& progress,
+                    Model* reference) {
+  if (reference != nullptr) {
+    QKD_CHECK(reference->config().vocab_size == model.config().vocab_size,
+              "evaluate: the reference model's vocabulary ({}) differs from the model's ({})",
+              reference->config().vocab_size, model.config().vocab_size);
+    QKD_CHECK(ctx <= reference->ctx(), "evaluate: window length (-c) {} is longer than the reference model's context {}",
+              ctx, reference->ctx());
+  }
   QKD_CHECK(ctx >= 1 && ctx <= model.ctx(), "evaluate: window length (-c) {} must be in [1, {}] (the model's context)",
             ctx, model.ctx());
   const int64_t n = static_cast<int64_t>(stream.size());
@@ -83,8 +119,12 @@ EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, cons
   const int64_t full_windows = std::min(n_windows, (n - 1) / ctx);  // windows with all ctx + 1 tokens
 
   const int64_t logits_cap = (int64_t{256} << 20) / (static_cast<int64_t>(ctx) * vocab * sizeof(float));
-  const int max_batch = static_cast<int>(std::clamp<int64_t>(logits_cap, 1, model.max_batch()));
+  const int max_batch = static_cast<int>(std::clamp<int64_t>(
+      logits_cap, 1, reference != nullptr ? std::min(model.max_batch(), reference->max_batch()) : model.max_batch()));
   std::vector<float> logits(static_cast<size_t>(max_batch) * ctx * vocab);
+  std::vector<float> ref_logits(reference != nullptr ? logits.size() : 0);
+  double total_kl = 0.0;
+  int64_t agree = 0;
   std::vector<int32_t> inputs(static_cast<size_t>(max_batch) * ctx);
   std::vector<int32_t> targets(inputs.size());
   const std::vector<int32_t> start_pos(max_batch, 0);
@@ -105,6 +145,11 @@ EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, cons
     model.forward(std::span<const int32_t>(inputs.data(), used), static_cast<int>(batch), len,
                   std::span<const int32_t>(start_pos.data(), batch), LogitsMode::All, logits.data());
     total_nll += sum_nll(logits.data(), targets.data(), static_cast<int>(used), vocab);
+    if (reference != nullptr) {
+      reference->forward(std::span<const int32_t>(inputs.data(), used), static_cast<int>(batch), len,
+                         std::span<const int32_t>(start_pos.data(), batch), LogitsMode::All, ref_logits.data());
+      compare_rows(logits.data(), ref_logits.data(), static_cast<int>(used), vocab, total_kl, agree);
+    }
     r.n_tokens += static_cast<int64_t>(used);
     w += batch;
     if (progress) progress(w, n_windows);
@@ -112,6 +157,11 @@ EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, cons
   r.n_windows = n_windows;
   r.mean_nll = total_nll / static_cast<double>(r.n_tokens);
   r.perplexity = std::exp(r.mean_nll);
+  if (reference != nullptr) {
+    r.has_reference = true;
+    r.mean_kl = total_kl / static_cast<double>(r.n_tokens);
+    r.top1_agreement = static_cast<double>(agree) / static_cast<double>(r.n_tokens);
+  }
   return r;
 }
 

@@ -37,13 +37,19 @@ struct EvalResult {
   int64_t n_windows = 0;
   double mean_nll = 0.0;  // nats per token
   double perplexity = 0.0;
+  // with a reference model (e.g. the teacher of a quantized student), over the same scored tokens:
+  bool has_reference = false;
+  double mean_kl = 0.0;         // mean KL(reference || model) per token, nats (softmax at temperature 1)
+  double top1_agreement = 0.0;  // fraction of tokens whose argmax matches the reference's
 };
 
 // windows_done / windows_total after each batch of windows.
 using EvalProgress = std::function<void(int64_t windows_done, int64_t windows_total)>;
 
 // Scores `stream` by the rule above. ctx must be in [1, model.ctx()]; windows run max_batch() at a time (fewer
-// when their logits would pass 256 MiB). Throws qkd::Error when the stream has fewer than 2 tokens.
-EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, const EvalProgress& progress = {});
+// when their logits would pass 256 MiB). Throws qkd::Error when the stream has fewer than 2 tokens. With a
+// reference model, it also runs the reference on every window and fills the KL and top-1 agreement fields.
+EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, const EvalProgress& progress = {},
+                    Model* reference = nullptr);
 
 }  // namespace qkd::runtime

@@ -4,10 +4,13 @@
 # (int4), the PyTorch peers (bench/peers.py), and print a short table last. Sized to fit a 10-minute call;
 # the options leave parts out.
 #
-#   tools/gpu-check.sh [--tests-only | --bench-only] [--no-cpu-tests] [--no-peers] [--memcheck] [--jobs N]
-#                      [--budget SECONDS]
+#   tools/gpu-check.sh [--tests-only | --bench-only | --train-bench] [--no-cpu-tests] [--no-peers] [--memcheck]
+#                      [--jobs N] [--budget SECONDS]
 # --budget skips the steps that would start after that many seconds (the build always runs); --memcheck runs
-# compute-sanitizer memcheck over two cases of test_gpu_model.
+# compute-sanitizer memcheck over two cases of test_gpu_model. --train-bench runs only the training-step
+# benchmark of issue 5 instead: it builds qkd-bench alone, runs qkd-bench --train on tinyllama-1.1b (batch 8 x
+# 1024), the PyTorch peer bench/train_peers.py (eager and torch.compile; --no-peers leaves it out) and
+# bench/compare_train.py (about 5 minutes with the build).
 #
 # Logs and JSON go to $OUT when it is set (the device tool fetches it; at most 8 files), else to
 # build-gpu-check/out. The build folder is $QKD_GPU_BUILD (default /tmp/qkd-gpu-check).
@@ -17,17 +20,18 @@
 # files are filled in here). Shared test data: QKD_SHARED_DATA, or .carry/shared when it exists.
 set -u -o pipefail
 
-tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 jobs=16 budget=0
+tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 train_bench=0 jobs=16 budget=0
 while (($#)); do
   case "$1" in
     --tests-only) bench=0 ;;
     --bench-only) tests=0 ;;
+    --train-bench) train_bench=1 tests=0 bench=0 ;;
     --no-cpu-tests) cpu_tests=0 ;;
     --no-peers) peers=0 ;;
     --memcheck) memcheck=1 ;;
     --jobs) jobs="$2"; shift ;;
     --budget) budget="$2"; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -66,9 +70,11 @@ echo "shared data: ${QKD_SHARED_DATA:-../shared/data (default)}" | tee -a "$LOG"
 
 # ---------------------------------------------------------------------------------------------- build
 T0=$SECONDS
+targets=()
+((train_bench)) && targets=(--target qkd-bench)  # the training benchmark needs nothing else
 # -k 0: keep building past a failing target, so one broken unit does not hide the others' results
 if cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_extra[@]}" > "$OUT/build.log" 2>&1 &&
-   cmake --build "$B" -j "$jobs" -- -k 0 >> "$OUT/build.log" 2>&1; then
+   cmake --build "$B" -j "$jobs" "${targets[@]}" -- -k 0 >> "$OUT/build.log" 2>&1; then
   note "build: ok ($((SECONDS - T0)) s)"
 else
   note "build: FAILED ($((SECONDS - T0)) s); what built is still run. First errors:"
@@ -133,8 +139,32 @@ if ((tests)); then
   fi
 fi
 
+# ----------------------------------------------------------------------- training-step benchmark (issue 5)
+if ((train_bench)); then
+  tq=$OUT/train-qkd.json tp=$OUT/train-peers.json
+  if in_budget "qkd-bench --train"; then
+    T0=$SECONDS
+    timeout 240 "$B/bin/qkd-bench" --preset tinyllama-1.1b --train --batch 8 --seq-len 1024 --steps 10 --warmup 2 \
+      --json > "$tq" 2>> "$LOG"
+    note "qkd-bench --train: rc=$? ($((SECONDS - T0)) s)"
+  fi
+  if ((peers)) && in_budget train_peers.py; then
+    T0=$SECONDS
+    # --out is rewritten after each mode: a run cut short by the timeout still leaves eager's numbers
+    PYTHONUNBUFFERED=1 timeout 360 python3 bench/train_peers.py --batch 8 --seq-len 1024 --steps 10 --warmup 2 \
+      --out "$tp" > /dev/null 2>> "$LOG"
+    note "train_peers.py: rc=$? ($((SECONDS - T0)) s)"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------- table
 echo
+if ((train_bench)); then
+  peer_arg=()
+  [ -s "$tp" ] && peer_arg=(--peers "$tp")
+  python3 bench/compare_train.py "$tq" "${peer_arg[@]}" 2>&1 | tee -a "$LOG"
+  echo
+fi
 if ((${#jsons[@]})); then
   peer_arg=()
   [ -s "$OUT/peers.json" ] && peer_arg=(--peers "$OUT/peers.json")
