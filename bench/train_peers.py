@@ -50,6 +50,7 @@ GROUP, BITS = 128, 4
 QMIN, QMAX = -(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1
 FROZEN = ("o_proj", "v_proj")
 QUANTIZED = ("q_proj", "k_proj", "gate_proj", "up_proj", "down_proj")
+DEVICE = "cuda"
 
 
 def load_preset(name):
@@ -130,12 +131,17 @@ def quantize_student(model):
     return n_q, n_f
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def build_models(preset, precision):
     from transformers import LlamaForCausalLM
 
     cfg = make_config(preset)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         student = LlamaForCausalLM(cfg)  # fp32, HF's init: normal(0, 0.02), norms 1
     teacher = copy.deepcopy(student).to(torch.bfloat16).eval().requires_grad_(False)
     if precision == "bf16":
@@ -167,7 +173,7 @@ def make_step_fns(teacher, student, precision, compiled, compile_mode):
             return teacher(input_ids=ids, use_cache=False).logits
 
     def student_loss(ids, t_logits):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "amp"):
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "amp"):
             logits = student(input_ids=ids, use_cache=False).logits
         return kd_loss(logits, t_logits)
 
@@ -179,7 +185,8 @@ def make_step_fns(teacher, student, precision, compiled, compile_mode):
 
 def free_memory():
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def time_mode(teacher, student, opt, windows, micro_batch, args, compiled):
@@ -190,7 +197,7 @@ def time_mode(teacher, student, opt, windows, micro_batch, args, compiled):
     n_micro = batch // micro_batch
 
     def step(win):
-        total = torch.zeros((), device="cuda")
+        total = torch.zeros((), device=DEVICE)
         for j in range(n_micro):
             ids = win[j * micro_batch:(j + 1) * micro_batch]
             t = tf(ids)
@@ -204,12 +211,13 @@ def time_mode(teacher, student, opt, windows, micro_batch, args, compiled):
         return total, gnorm
 
     times, losses, gnorms = [], [], []
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         loss, gnorm = step(windows[i])
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
         losses.append(float(loss))
         gnorms.append(float(gnorm))
@@ -221,7 +229,7 @@ def time_mode(teacher, student, opt, windows, micro_batch, args, compiled):
         print(f"train_peers: warning: a non-finite loss or gradient norm ({losses}, {gnorms})", file=sys.stderr)
     return dict(ms=ms, ms_mean=statistics.fmean(timed), ms_min=min(timed), ms_max=max(timed), all_ms=timed,
                 warmup_ms=times[:args.warmup], tokens_per_s=tokens / (ms * 1e-3), micro_batch=micro_batch,
-                peak_memory=torch.cuda.max_memory_allocated(), kl_first=losses[args.warmup], kl_last=losses[-1],
+                peak_memory=torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0, kl_first=losses[args.warmup], kl_last=losses[-1],
                 grad_norm_first=gnorms[args.warmup], grad_norm_last=gnorms[-1], finite=finite)
 
 
@@ -280,8 +288,12 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     ap.add_argument("--precision", default="amp", choices=("amp", "bf16"))
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a smoke run of this script on a small preset, no numbers that mean anything")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         sys.exit("train_peers.py: no CUDA device")
     if args.batch < 1 or args.seq_len < 2 or args.steps < 1 or args.warmup < 0:
         sys.exit("train_peers.py: --batch and --steps must be positive, --seq-len at least 2, --warmup >= 0")
@@ -293,7 +305,7 @@ def main():
     import transformers
 
     preset = load_preset(args.preset)
-    res = dict(tool="train_peers.py", device=torch.cuda.get_device_name(0), torch=torch.__version__,
+    res = dict(tool="train_peers.py", device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", torch=torch.__version__,
                transformers=transformers.__version__, model=preset.get("name", args.preset),
                shape={k: preset[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                                              "vocab_size")},
@@ -309,10 +321,11 @@ def main():
                 json.dump(res, f, indent=2)
             Path(tmp).replace(args.out)
 
-    try:
-        res["gemm"] = gemm_tflops()
-    except Exception as e:
-        res["gemm"] = dict(error=f"{type(e).__name__}: {e}")
+    if DEVICE == "cuda":
+        try:
+            res["gemm"] = gemm_tflops()
+        except Exception as e:
+            res["gemm"] = dict(error=f"{type(e).__name__}: {e}")
     t0 = time.perf_counter()
     teacher, student, info = build_models(preset, args.precision)
     res.update(info)
@@ -320,7 +333,7 @@ def main():
     params = [p for p in student.parameters() if p.requires_grad]
     res["trained_parameters"] = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
-    g = torch.Generator(device="cuda")
+    g = torch.Generator(device=DEVICE)
     g.manual_seed(1)
     write()
 
@@ -329,7 +342,7 @@ def main():
         warmup = max(args.warmup, 3) if compiled else args.warmup
         run_args = argparse.Namespace(**{**vars(args), "warmup": warmup})
         windows = torch.randint(0, preset["vocab_size"], (warmup + args.steps, args.batch, args.seq_len),
-                                device="cuda", generator=g)
+                                device=DEVICE, generator=g)
         print(f"train_peers: {mode} ({args.precision}), {warmup} warm-up + {args.steps} steps", file=sys.stderr)
         t0 = time.perf_counter()
         try:

@@ -133,6 +133,10 @@ TEST_CASE("distillation lowers the KD loss, exports a loadable int4 student, and
   QKD_REQUIRE_SHARED_DATA();
   test::TempDir tmp("train-kd");
   TrainConfig c = small_config(tmp / "out");
+  // Enough text that 50 steps of 4 windows never repeat one (the small eval excerpt would be memorised).
+  c.data = test::shared_data() + "/corpora/tinystories/stories_cased.txt";
+  c.val_fraction = 0.01f;
+  c.eval_windows = 16;
   c.steps = 50;
   c.save_every = 25;
   c.eval_every = 25;

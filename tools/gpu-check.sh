@@ -4,13 +4,14 @@
 # (int4), the PyTorch peers (bench/peers.py), and print a short table last. Sized to fit a 10-minute call;
 # the options leave parts out.
 #
-#   tools/gpu-check.sh [--tests-only | --bench-only | --train-bench] [--no-cpu-tests] [--no-peers] [--memcheck]
-#                      [--jobs N] [--budget SECONDS]
+#   tools/gpu-check.sh [--tests-only | --bench-only | --train-bench | --targets LIST] [--no-cpu-tests] [--no-peers]
+#                      [--memcheck] [--jobs N] [--budget SECONDS]
 # --budget skips the steps that would start after that many seconds (the build always runs); --memcheck runs
 # compute-sanitizer memcheck over two cases of test_gpu_model. --train-bench runs only the training-step
 # benchmark of issue 5 instead: it builds qkd-bench alone, runs qkd-bench --train on tinyllama-1.1b (batch 8 x
 # 1024), the PyTorch peer bench/train_peers.py (eager and torch.compile; --no-peers leaves it out) and
-# bench/compare_train.py (about 5 minutes with the build).
+# bench/compare_train.py (about 5 minutes with the build). --targets qkd-train,qkd-eval builds only those
+# targets and runs nothing (for scripts such as tools/ov-freeze-table.sh that run the tools themselves).
 #
 # Logs and JSON go to $OUT when it is set (the device tool fetches it; at most 8 files), else to
 # build-gpu-check/out. The build folder is $QKD_GPU_BUILD (default /tmp/qkd-gpu-check).
@@ -20,18 +21,19 @@
 # files are filled in here). Shared test data: QKD_SHARED_DATA, or .carry/shared when it exists.
 set -u -o pipefail
 
-tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 train_bench=0 jobs=16 budget=0
+tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 train_bench=0 jobs=16 budget=0 only_targets=
 while (($#)); do
   case "$1" in
     --tests-only) bench=0 ;;
     --bench-only) tests=0 ;;
     --train-bench) train_bench=1 tests=0 bench=0 ;;
+    --targets) only_targets="$2" tests=0 bench=0; shift ;;
     --no-cpu-tests) cpu_tests=0 ;;
     --no-peers) peers=0 ;;
     --memcheck) memcheck=1 ;;
     --jobs) jobs="$2"; shift ;;
     --budget) budget="$2"; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -72,6 +74,7 @@ echo "shared data: ${QKD_SHARED_DATA:-../shared/data (default)}" | tee -a "$LOG"
 T0=$SECONDS
 targets=()
 ((train_bench)) && targets=(--target qkd-bench)  # the training benchmark needs nothing else
+[ -n "$only_targets" ] && targets=(--target ${only_targets//,/ })
 # -k 0: keep building past a failing target, so one broken unit does not hide the others' results
 if cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release "${cmake_extra[@]}" > "$OUT/build.log" 2>&1 &&
    cmake --build "$B" -j "$jobs" "${targets[@]}" -- -k 0 >> "$OUT/build.log" 2>&1; then

@@ -217,7 +217,38 @@ class EngineImpl final : public Engine {
     return g;
   }
 
+  Probe probe(const int32_t* windows) override {
+    const ModelConfig& c = plan_.config;
+    const int mb = opt_.micro_batch, n = mb * opt_.seq_len;
+    begin_step(n);
+    Probe p;
+    p.loss = run(windows, mb, true);
+    p.grad = gradients();
+    for (int l = 0; l < c.n_layers; ++l) p.layer_out.push_back(to_host(student_->layer_output(l), int64_t{n} * c.dim));
+    p.logits.resize(static_cast<size_t>(n) * c.vocab_size);
+    for (int r0 = 0; r0 < n; r0 += block_rows_) {
+      const int rows = std::min(block_rows_, n - r0);
+      ops_.linear(logits_, student_->xf() + int64_t{r0} * c.dim, student_->weights().head, rows, c.vocab_size, c.dim,
+                  Accumulate::Overwrite);
+      const std::vector<float> h = to_host(logits_, int64_t{rows} * c.vocab_size);
+      std::copy(h.begin(), h.end(), p.logits.begin() + int64_t{r0} * c.vocab_size);
+    }
+    return p;
+  }
+
  private:
+  std::vector<float> to_host(const T* p, int64_t n) {
+    std::vector<float> out(static_cast<size_t>(n));
+    if constexpr (std::is_same_v<T, float>) {
+      ops_.download(out.data(), p, n);
+    } else {
+      std::vector<T> h(static_cast<size_t>(n));
+      ops_.download(h.data(), p, n);
+      for (size_t i = 0; i < h.size(); ++i) out[i] = __bfloat162float(h[i]);
+    }
+    return out;
+  }
+
   void build_teacher(const ModelWeights& t) {
     const ModelConfig& tc = t.config;
     const ModelConfig& c = plan_.config;

@@ -77,6 +77,17 @@ class Engine {
   virtual std::vector<Int4HostWeight> frozen_weights() = 0;
   // The gradient buffer as a host copy (tests).
   virtual std::vector<float> gradients() = 0;
+
+  // One forward and backward pass over micro_batch windows (gradients as after accumulate(), not applied), and
+  // host fp32 copies of what it computed: each layer's output (the residual stream after the layer) and the
+  // logits of every row. For qkd-analyze.
+  struct Probe {
+    std::vector<std::vector<float>> layer_out;  // [n_layers][rows * dim]
+    std::vector<float> logits;                  // [rows * vocab]
+    std::vector<float> grad;                    // [plan().total]
+    LossSums loss;
+  };
+  virtual Probe probe(const int32_t* windows) = 0;
 };
 
 // teacher may be null (pretraining: cross-entropy only). The student starts from `init`.

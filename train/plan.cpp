@@ -70,9 +70,9 @@ void check_quant_spec(const QuantSpec& q, const ModelConfig& c) {
   QKD_CHECK((q.frozen & ~kInt4LinearModules) == 0,
             "freeze: '{}' names a module that is not a linear layer (q,k,v,o,gate,up,down)",
             format_int4_modules(q.frozen));
-  QKD_CHECK(q.frozen == 0 || q.bits <= 4,
-            "freeze: frozen modules are stored as int4, so bits must be at most 4 (bits is {}); use --freeze none",
-            q.bits);
+  QKD_CHECK(q.frozen == 0 || (q.frozen_bits_resolved() >= kFakeQuantMinBits && q.frozen_bits_resolved() <= 4),
+            "freeze: frozen modules are stored as int4, so their bits must be 2..4 (they are {}); use --freeze none",
+            q.frozen_bits_resolved());
   if (q.bits == kDenseBits && q.frozen == 0) return;
   for (Int4Module m : kLinearModules) {
     const auto [n, k] = linear_shape(c, m);
@@ -172,9 +172,9 @@ HostInit init_parameters(const Plan& plan, const ModelWeights& init, const Model
         w.resize(static_cast<size_t>(t.numel()));
         to_f32(t, w.data());
         std::vector<float> s(static_cast<size_t>(lin->n) * (lin->k / g));
-        cpu::fake_quant_init_scales(w.data(), lin->n, lin->k, g, plan.quant.bits, s.data());
-        h.frozen[static_cast<size_t>(lin->frozen)] =
-            cpu::fake_quant_export(w.data(), s.data(), nullptr, lin->n, lin->k, g, plan.quant.bits);
+        const int fb = plan.quant.frozen_bits_resolved();
+        cpu::fake_quant_init_scales(w.data(), lin->n, lin->k, g, fb, s.data());
+        h.frozen[static_cast<size_t>(lin->frozen)] = cpu::fake_quant_export(w.data(), s.data(), nullptr, lin->n, lin->k, g, fb);
         continue;
       }
       load(lin->w, t);

@@ -32,11 +32,13 @@ struct QuantSpec {
   int group_size = 128;                          // 32, 64, 128 or kInt4PerChannel (the whole row)
   bool clip = false;                             // learnable per-module clip factor (arXiv 2203.10705)
   Int4ModuleSet frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
+  int frozen_bits = 0;                           // bits of the frozen layers, 2..4; 0 = `bits`
+  int frozen_bits_resolved() const { return frozen_bits != 0 ? frozen_bits : bits; }
 };
 
 // Throws qkd::Error naming the field and value unless `q` fits `c`: bits in 2..8 or 16, a group size that divides
 // every linear layer's input dimension (and k a multiple of 32, the int4 format's rule), frozen modules only
-// among q,k,v,o,gate,up,down, and frozen modules only with bits <= 4 (they are stored as int4).
+// among q,k,v,o,gate,up,down, and frozen modules only with frozen bits <= 4 (they are stored as int4).
 void check_quant_spec(const QuantSpec& q, const ModelConfig& c);
 
 enum class LinearKind : uint8_t { Frozen, Quantized, Dense };

@@ -129,6 +129,8 @@ class Transformer {
   }
 
   int rows() const { return n_; }
+  // The residual stream after layer l (valid after forward(); with Save::No only for the last layer).
+  const T* layer_output(int l) const { return res_[static_cast<size_t>(l + 1)]; }
   const T* xf() const { return xf_; }
   const WeightsT<T>& weights() const { return w_; }
 
