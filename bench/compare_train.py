@@ -95,7 +95,9 @@ def main():
     g = [f"qkd cuBLASLt {q['gemm']['tflops']:.0f}"] if q else []
     if p and "tflops" in p.get("gemm", {}):
         g.append(f"torch.matmul {p['gemm']['tflops']:.0f}")
-    print(f"bf16 GEMM 8192^3 (best of 10): {', '.join(g)} TFLOP/s; the peak MFU(peak) uses: {peak} TFLOP/s")
+    if g:
+        print(f"bf16 GEMM 8192^3, best of 10: {', '.join(g)} TFLOP/s (MFU(GEMM) uses qkd's); MFU(peak) is of "
+              f"{peak} TFLOP/s")
     if q and not q.get("finite", True):
         print("warning: qkd had a non-finite loss or gradient norm")
     for mode, r in peer_rows.items():
@@ -103,6 +105,8 @@ def main():
             print(f"warning: PyTorch {mode} had a non-finite loss or gradient norm")
 
     print("\nTargets (issue 5)")
+    if q is None:
+        print("  no qkd-bench --train result")
     if q and same:
         for mode, target in (("eager", TARGET_EAGER), ("compile", TARGET_COMPILE)):
             r = peer_rows.get(mode)

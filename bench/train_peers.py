@@ -229,8 +229,9 @@ def time_mode(teacher, student, opt, windows, micro_batch, args, compiled):
         print(f"train_peers: warning: a non-finite loss or gradient norm ({losses}, {gnorms})", file=sys.stderr)
     return dict(ms=ms, ms_mean=statistics.fmean(timed), ms_min=min(timed), ms_max=max(timed), all_ms=timed,
                 warmup_ms=times[:args.warmup], tokens_per_s=tokens / (ms * 1e-3), micro_batch=micro_batch,
-                peak_memory=torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0, kl_first=losses[args.warmup], kl_last=losses[-1],
-                grad_norm_first=gnorms[args.warmup], grad_norm_last=gnorms[-1], finite=finite)
+                peak_memory=torch.cuda.max_memory_allocated() if DEVICE == "cuda" else 0,
+                kl_first=losses[args.warmup], kl_last=losses[-1], grad_norm_first=gnorms[args.warmup],
+                grad_norm_last=gnorms[-1], finite=finite)
 
 
 def measure_mode(teacher, student, opt, windows, args, compiled):
@@ -244,18 +245,19 @@ def measure_mode(teacher, student, opt, windows, args, compiled):
                 r["note"] = "; ".join(notes)
             return r
         except torch.cuda.OutOfMemoryError as e:
-            opt.zero_grad(set_to_none=True)
-            free_memory()
-            if compiled:
-                torch._dynamo.reset()
-            msg = f"out of memory at micro-batch {micro_batch} ({str(e).splitlines()[0]})"
-            print(f"train_peers: {msg}", file=sys.stderr)
-            notes.append(msg)
-            if micro_batch == 1:
-                return dict(error="; ".join(notes))
-            micro_batch //= 2
-            while windows.shape[1] % micro_batch:
-                micro_batch -= 1
+            msg = f"out of memory at micro-batch {micro_batch} ({str(e).splitlines()[0][:200]})"
+        # here, outside the except block, the exception's frames and the tensors they hold are gone
+        opt.zero_grad(set_to_none=True)
+        if compiled:
+            torch._dynamo.reset()
+        free_memory()
+        print(f"train_peers: {msg}", file=sys.stderr)
+        notes.append(msg)
+        if micro_batch == 1:
+            return dict(error="; ".join(notes))
+        micro_batch //= 2
+        while windows.shape[1] % micro_batch:
+            micro_batch -= 1
 
 
 def gemm_tflops(size=8192, reps=10):
@@ -305,8 +307,8 @@ def main():
     import transformers
 
     preset = load_preset(args.preset)
-    res = dict(tool="train_peers.py", device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", torch=torch.__version__,
-               transformers=transformers.__version__, model=preset.get("name", args.preset),
+    res = dict(tool="train_peers.py", device=torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+               torch=torch.__version__, transformers=transformers.__version__, model=preset.get("name", args.preset),
                shape={k: preset[k] for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
                                              "vocab_size")},
                batch=args.batch, seq_len=args.seq_len, tokens_per_step=args.batch * args.seq_len,
@@ -347,9 +349,10 @@ def main():
         t0 = time.perf_counter()
         try:
             res[mode] = measure_mode(teacher, student, opt, windows, run_args, compiled)
-        except Exception as e:
+        except Exception as e:  # a mode that fails (a compile error) leaves the other's numbers
             traceback.print_exc(file=sys.stderr)
             res[mode] = dict(error=f"{type(e).__name__}: {e}"[:2000])
+        if "error" in res[mode]:
             opt.zero_grad(set_to_none=True)
             free_memory()
         res[mode]["wall_s"] = time.perf_counter() - t0

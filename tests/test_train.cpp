@@ -140,7 +140,7 @@ TEST_CASE("distillation lowers the KD loss, exports a loadable int4 student, and
   c.steps = 50;
   c.save_every = 25;
   c.eval_every = 25;
-  c.lr = 1e-4f;
+  c.lr = 1e-5f;
   const TrainResult r = run_training(c, quiet());
   REQUIRE(r.steps_done == 50);
   const auto m = read_metrics(tmp / "out/metrics.jsonl");

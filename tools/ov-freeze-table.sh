@@ -89,7 +89,6 @@ done
 [ -n "$since" ] || since=$(date +%s)
 [[ $since =~ ^[0-9]+$ ]] || { echo "ov-freeze-table: --since '$since' is not a Unix time" >&2; exit 2; }
 
-
 # ------------------------------------------------------------------------------------------------ the rows
 # name|kind|bits|group|symmetry|freeze|seed. Seed 0 of every method comes first, so a table cut short still
 # has each method once; the analysis follows it; the RTN-equivalence check of the int3 baseline is last.
@@ -111,7 +110,7 @@ done
 rows+=("rtn-int4-g128-sym-via-train|rtn-train|4|128|sym|none|0")
 
 # Expected seconds of a row of each kind (train + eval), refined by each row that runs.
-declare -A est=([teacher]=20 [rtn]=20 [rtn-train]=30 [qat]=45 [analyze]=60)
+declare -A est=([teacher]=20 [rtn]=20 [rtn-train]=30 [qat]=30 [analyze]=60)
 n_rows=${#rows[@]}
 if ((dry_run)); then
   for ((i = 0; i < n_rows; i++)); do
@@ -125,12 +124,10 @@ if ((dry_run)); then
   exit 0
 fi
 
-if ((dry_run == 0)); then
-  for t in qkd-train qkd-eval qkd-quantize; do
-    [ -x "$bin/$t" ] || { echo "ov-freeze-table: $bin/$t is missing (build it, or give --bin)" >&2; exit 1; }
-  done
-  [ -f "$teacher/config.json" ] || { echo "ov-freeze-table: no teacher at $teacher (give --teacher)" >&2; exit 1; }
-fi
+for t in qkd-train qkd-eval qkd-quantize; do
+  [ -x "$bin/$t" ] || { echo "ov-freeze-table: $bin/$t is missing (build it, or give --bin)" >&2; exit 1; }
+done
+[ -f "$teacher/config.json" ] || { echo "ov-freeze-table: no teacher at $teacher (give --teacher)" >&2; exit 1; }
 
 mkdir -p "$results/metrics" "$results/logs" "$work"
 results=$(cd "$results" && pwd)
@@ -139,8 +136,15 @@ LOG=${OUT:+$OUT/ov-freeze.log}
 LOG=${LOG:-$results/logs/ov-freeze-table.log}
 elapsed() { echo $(($(date +%s) - since)); }
 say() { printf '[%4d s] %s\n' "$(elapsed)" "$*" | tee -a "$LOG"; }
-# A command line as it can be pasted back into a shell.
-quote() { local a out=""; for a in "$@"; do out+="$(printf '%q' "$a") "; done; echo "${out% }"; }
+# A command line as it can be pasted back into a shell, with paths inside the repository made relative to it.
+quote() {
+  local a out=""
+  for a in "$@"; do
+    a=${a//$ROOT\//}
+    if [[ $a =~ ^[A-Za-z0-9_./,:=+@%-]+$ ]]; then out+="$a "; else out+="'${a//\'/\'\\\'\'}' "; fi
+  done
+  echo "${out% }"
+}
 
 # ------------------------------------------------------------------------------------------- the environment
 # One entry per call, so the report can say on what and when each row ran.
@@ -148,8 +152,7 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)
 commit=$(git rev-parse HEAD 2>/dev/null || true)
 dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | wc -l)
-if ((dry_run == 0)); then
-  python3 - "$results/env.json" "$gpu" "$driver" "$commit" "$dirty" "$argv" <<'EOF' || exit 1
+python3 - "$results/env.json" "$gpu" "$driver" "$commit" "$dirty" "$argv" <<'EOF' || exit 1
 import json, os, sys, datetime, platform
 path, gpu, driver, commit, dirty, argv = sys.argv[1:]
 env = json.load(open(path)) if os.path.exists(path) else {"calls": []}
@@ -161,7 +164,6 @@ with open(tmp, "w") as f:
     json.dump(env, f, indent=1)
 os.replace(tmp, path)
 EOF
-fi
 say "ov-freeze-table: gpu ${gpu:-none}, bin $bin, teacher $teacher, results $results, work $work"
 
 # ------------------------------------------------------------------------------------------ validation split
@@ -187,7 +189,7 @@ def documents(text):
 
 train, val, files = [], [], []
 for path in corpus:
-    docs = documents(open(path, encoding="utf-8").read())
+    docs = documents(open(path, encoding="utf-8", newline="").read())
     n_val = max(1, round(len(docs) * percent / 100.0))
     train += docs[:-n_val]
     val += docs[-n_val:]
@@ -225,18 +227,19 @@ pack_results() {  # the small files, for the device tool to bring back; written 
 # Seconds left before the deadline, capped at $1.
 cap() { local left=$((deadline - $(elapsed))); ((left < $1)) && echo "$left" || echo "$1"; }
 
-# run_step TIMEOUT LOGFILE CMD...: runs CMD with a timeout, stdout and stderr to LOGFILE; sets step_rc and
-# step_cut (1 when the timeout was the deadline's rather than the command's own limit).
+# run_step TIMEOUT LOG STDOUT CMD...: runs CMD under a timeout, its stderr (and its stdout when STDOUT is -) to
+# LOG; sets step_rc, and step_cut to 1 when the timeout that stopped it was the deadline's rather than TIMEOUT.
 step_rc=0 step_cut=0
 run_step() {
-  local limit=$1 log=$2; shift 2
-  local t
+  local limit=$1 log=$2 stdout=$3 t
+  shift 3
+  [ "$stdout" = - ] && stdout=$log
   t=$(cap "$limit")
   step_cut=0
   ((t < limit)) && step_cut=1
-  if ((t < 5)); then step_rc=124; step_cut=1; return; fi
+  if ((t < 5)); then step_rc=124 step_cut=1; return; fi
   echo "\$ $(quote "$@")" >> "$log"
-  timeout -k 10 "$t" "$@" >> "$log" 2>&1
+  timeout -k 10 "$t" "$@" >> "$stdout" 2>> "$log"
   step_rc=$?
   ((step_rc == 124 || step_rc == 137)) || step_cut=0
 }
@@ -250,7 +253,7 @@ mark_failed() {  # row, what, log
   say "  FAILED: $2 (exit $step_rc); see results/$1.failed"
 }
 
-# write_row ROW EVAL_JSON SETTINGS_JSON TRAIN_DIR|- T_TRAIN T_EVAL CMD...: results/ROW.json, atomically.
+# write_row ROW EVAL_JSON SETTINGS TRAIN_DIR|- T_TRAIN T_EVAL CMD...: results/ROW.json, atomically.
 write_row() {
   local row=$1 ev=$2 settings=$3 rundir=$4 t_train=$5 t_eval=$6
   shift 6
@@ -265,7 +268,12 @@ if not lines:
     sys.exit(f"{ev_path}: qkd-eval printed no JSON")
 j = json.loads(lines[-1])
 j["row"] = row
-j["settings"] = json.loads(settings)
+def value(v):
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v
+j["settings"] = {k: value(v) for k, _, v in (l.partition("=") for l in settings.splitlines() if l)}
 j["timing_s"] = {"train": float(t_train) if t_train != "-" else None, "eval": float(t_eval)}
 j["commands"] = commands
 if rundir != "-":
@@ -300,30 +308,27 @@ print(f"ppl {j['perplexity']:.4f}  kl {j.get('kl_to_teacher', 0):.5f}  top1 {j.g
 EOF
 }
 
-eval_cmd() {  # MODEL: the qkd-eval command line of every row
-  echo "$bin/qkd-eval" -m "$1" --teacher "$teacher" --text "$val_txt" -c "$seq_len" --backend cuda --json
-}
-
-# Every row's settings, as JSON.
-settings_json() {  # kind bits group sym freeze seed
+# A row's settings as KEY=VALUE lines; write_row reads each VALUE as JSON where it is JSON, else as a string.
+settings_of() {  # kind bits group sym freeze seed
   local kind=$1 bits=$2 group=$3 sym=$4 freeze=$5 seed=$6
-  local method=$kind via=null
+  local method=$kind
   case "$kind" in
-    rtn) via='"qkd-quantize"' ;;
-    rtn-train) method=rtn via="\"qkd-train --steps 1 --lr 1e-12 (one update below fp32 resolution)\"" ;;
+    rtn) echo "rtn_via=qkd-quantize" ;;
+    rtn-train) method=rtn; echo "rtn_via=qkd-train --steps 1 --lr 1e-12 (an update below fp32 resolution)" ;;
     qat) method=qat-kd ;;
   esac
-  local gs=null
-  [ "$group" = 128 ] && gs=128
-  [ "$group" = channel ] && gs=0
-  printf '{"method": "%s", "bits": %s, "group_size": %s, "symmetric": %s, "freeze": %s, "seed": %s, "rtn_via": %s' \
-    "$method" "$bits" "$gs" "$([ "$sym" = asym ] && echo false || { [ "$sym" = sym ] && echo true || echo null; })" \
-    "$([ "$freeze" = - ] && echo null || echo "\"$freeze\"")" "$([ "$seed" = - ] && echo null || echo "$seed")" "$via"
+  echo "method=$method"
+  echo "bits=$bits"
+  case "$group" in 128) echo "group_size=128" ;; channel) echo "group_size=0" ;; *) echo "group_size=null" ;; esac
+  case "$sym" in sym) echo "symmetric=true" ;; asym) echo "symmetric=false" ;; *) echo "symmetric=null" ;; esac
+  [ "$freeze" = - ] && echo "freeze=null" || echo "freeze=$freeze"
+  [ "$seed" = - ] && echo "seed=null" || echo "seed=$seed"
   if [ "$kind" = qat ]; then
-    printf ', "steps": %s, "batch": %s, "seq_len": %s, "lr": %s, "eval_every": %s, "train_args": "%s"' \
-      "$steps" "$batch" "$seq_len" "$lr" "$eval_every" "$train_args"
+    printf '%s\n' "steps=$steps" "batch=$batch" "seq_len=$seq_len" "lr=$lr" "eval_every=$eval_every" \
+      "train_args=$train_args"
   fi
-  printf ', "eval_ctx": %s, "teacher": "%s"}' "$seq_len" "$(basename "$teacher")"
+  echo "eval_ctx=$seq_len"
+  echo "teacher=$(basename "$teacher")"
 }
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -339,13 +344,14 @@ for ((i = 0; i < n_rows; i++)); do
     continue
   fi
   now=$(elapsed)
-  if ((now >= budget || now + est[$kind] > deadline)); then
+  if ((now >= budget || now + ${est[$kind]} > deadline)); then
     stopped_at=$name
     say "$tag: not started: ${now} s gone of --budget $budget / --deadline $deadline (a row of this kind takes ~${est[$kind]} s)"
     break
   fi
   t_row=$(elapsed)
   say "$tag: start"
+  rm -f "$results/$name.failed"
 
   if [ "$kind" = analyze ]; then
     if [ ! -x "$bin/qkd-analyze" ]; then
@@ -354,14 +360,16 @@ for ((i = 0; i < n_rows; i++)); do
     fi
     alog=$work/analyze.log
     : > "$alog"
+    : > "$work/analyze.out"
     cmd=("$bin/qkd-analyze" --teacher "$teacher" --data "$val_txt" --backend cuda --bits "$bits" --group-size "$group"
          --seq-len "$seq_len" --json)
-    run_step "$eval_timeout" "$alog" "${cmd[@]}"
-    # qkd-analyze's stdout is its one JSON line; the log holds stderr too, so the line is picked out.
-    if ((step_rc == 0)) && grep -E '^\{' "$alog" | tail -1 | python3 -c "
+    run_step "$eval_timeout" "$alog" "$work/analyze.out" "${cmd[@]}"
+    if ((step_rc == 0)) && python3 -c "
 import json, sys
-j = json.loads(sys.stdin.read()); j['command'] = sys.argv[1]; json.dump(j, open(sys.argv[2], 'w'), indent=1)
-" "$(quote "${cmd[@]}")" "$results/analyze.json.tmp"; then
+j = json.loads(open(sys.argv[1]).read())
+j['command'] = sys.argv[2]
+json.dump(j, open(sys.argv[3], 'w'), indent=1)
+" "$work/analyze.out" "$(quote "${cmd[@]}")" "$results/analyze.json.tmp" 2>> "$alog"; then
       mv -f "$results/analyze.json.tmp" "$results/analyze.json"
       cp -f "$alog" "$results/logs/analyze.log"
       say "  analyze: suggested freeze $(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('suggested_freeze'))" "$results/analyze.json")"
@@ -387,7 +395,7 @@ j = json.loads(sys.stdin.read()); j['command'] = sys.argv[1]; json.dump(j, open(
     qlog=$work/rtn/$name.log
     : > "$qlog"
     t0=$(elapsed)
-    run_step "$run_timeout" "$qlog" "${qcmd[@]}"
+    run_step "$run_timeout" "$qlog" - "${qcmd[@]}"
     t_train=$(($(elapsed) - t0))
     if ((step_rc != 0)); then
       if ((step_cut)); then stopped_at=$name; say "  cut by the deadline; redone next call"; break; fi
@@ -415,7 +423,7 @@ j = json.loads(sys.stdin.read()); j['command'] = sys.argv[1]; json.dump(j, open(
       rm -rf "$rundir"  # half a run (killed before its export) is redone from the start
       mkdir -p "$rundir"
       t0=$(elapsed)
-      run_step "$run_timeout" "$rundir/train.log" "${tcmd[@]}"
+      run_step "$run_timeout" "$rundir/train.log" - "${tcmd[@]}"
       t_train=$(($(elapsed) - t0))
       if ((step_rc != 0)) || [ ! -d "$model" ]; then
         if ((step_cut)); then rm -rf "$rundir"; stopped_at=$name; say "  cut by the deadline; redone next call"; break; fi
@@ -428,30 +436,22 @@ j = json.loads(sys.stdin.read()); j['command'] = sys.argv[1]; json.dump(j, open(
   fi
 
   # ---- score it against the teacher
-  # shellcheck disable=SC2207  # eval_cmd's words hold no spaces unless the paths do
-  ecmd=($(eval_cmd "$model"))
+  ecmd=("$bin/qkd-eval" -m "$model" --teacher "$teacher" --text "$val_txt" -c "$seq_len" --backend cuda --json)
   cmds+=("$(quote "${ecmd[@]}")")
-  edir=${rundir/#-/$work/eval}
+  edir=$work/eval/$name
+  rm -rf "$edir"
   mkdir -p "$edir"
   : > "$edir/eval.log"
   t0=$(elapsed)
-  step_rc=0
-  step_cut=0
-  t=$(cap "$eval_timeout")
-  if ((t < 5)); then step_rc=124 step_cut=1; else
-    echo "\$ $(quote "${ecmd[@]}")" >> "$edir/eval.log"
-    timeout -k 10 "$t" "${ecmd[@]}" > "$edir/$name.eval.json" 2>> "$edir/eval.log"
-    step_rc=$?
-    ((step_rc == 124 || step_rc == 137)) && ((t < eval_timeout)) && step_cut=1
-  fi
+  run_step "$eval_timeout" "$edir/eval.log" "$edir/eval.json" "${ecmd[@]}"
   t_eval=$(($(elapsed) - t0))
   if ((step_rc != 0)); then
     if ((step_cut)); then stopped_at=$name; say "  scoring cut by the deadline; redone next call"; break; fi
     mark_failed "$name" "qkd-eval" "$edir/eval.log"; failed=$((failed + 1)); pack_results; continue
   fi
   tr '\r' '\n' < "$edir/eval.log" | grep -v 'window [0-9]' > "$results/logs/$name.eval.log"
-  if ! line=$(write_row "$name" "$edir/$name.eval.json" \
-      "$(settings_json "$kind" "$bits" "$group" "$sym" "$freeze" "$seed")" "$rundir" "$t_train" "$t_eval" "${cmds[@]}" \
+  if ! line=$(write_row "$name" "$edir/eval.json" \
+      "$(settings_of "$kind" "$bits" "$group" "$sym" "$freeze" "$seed")" "$rundir" "$t_train" "$t_eval" "${cmds[@]}" \
       2>> "$edir/eval.log"); then
     step_rc=1; mark_failed "$name" "reading qkd-eval's JSON" "$edir/eval.log"; failed=$((failed + 1)); continue
   fi
@@ -462,16 +462,23 @@ j = json.loads(sys.stdin.read()); j['command'] = sys.argv[1]; json.dump(j, open(
   pack_results
 done
 
-todo=0
+todo=0 failed_all=0
 for r in "${rows[@]}"; do
   n=${r%%|*}
   [ -n "$rows_re" ] && ! [[ $n =~ $rows_re ]] && continue
   [ "$n" = analyze ] && [ ! -x "$bin/qkd-analyze" ] && continue
-  [ -f "$results/$n.json" ] || [ -f "$results/$n.failed" ] || todo=$((todo + 1))
+  [ -f "$results/$n.json" ] && continue
+  if [ -f "$results/$n.failed" ] && ((retry_failed == 0)); then failed_all=$((failed_all + 1)); else todo=$((todo + 1)); fi
 done
-say "this call: $ran rows run, $failed failed; $done_rows done in all, $todo still to run${stopped_at:+ (next: $stopped_at)}"
+say "this call: $ran rows run, $failed failed; $done_rows done in all, $todo still to run, $failed_all failed${stopped_at:+ (next: $stopped_at)}"
 # A preview of the report (with plots where matplotlib is installed) travels back in the pack.
 python3 "$ROOT/tools/ov-freeze-report.py" --results "$results" --docs "$results/preview" --print 2>&1 | tee -a "$LOG"
 pack_results
-((todo == 0)) && say "the table is complete" || say "call again to go on"
+if ((todo > 0)); then
+  say "call again to go on"
+elif ((failed_all > 0)); then
+  say "every row has run, $failed_all failed (results/*.failed): fix them, then call again with --retry-failed"
+else
+  say "the table is complete"
+fi
 exit 0
