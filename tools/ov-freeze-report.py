@@ -176,9 +176,14 @@ def plot_matplotlib(loss_data, bar_data, docs, teacher_ppl):
             means = [b["mean"] for b in p["bars"]]
             errs = [b["std"] or 0.0 for b in p["bars"]]
             ax.bar(xs, means, yerr=errs, capsize=4, color=[b["color"] for b in p["bars"]])
-            for x, b in zip(xs, p["bars"]):
-                ax.text(x, b["mean"] + (b["std"] or 0), f"{b['mean']:.3f}", ha="center", va="bottom", fontsize=7)
             lo, hi = p["ylim"]
+            for x, b in zip(xs, p["bars"]):
+                if b["clipped"]:
+                    ax.text(x, hi - 0.03 * (hi - lo), f"↑ {b['mean']:.3f}", ha="center", va="top", fontsize=7,
+                            color="white",
+                            fontweight="bold")
+                else:
+                    ax.text(x, b["mean"] + (b["std"] or 0), f"{b['mean']:.3f}", ha="center", va="bottom", fontsize=7)
             ax.set_ylim(lo, hi)
             if teacher_ppl:
                 ax.axhline(teacher_ppl, color="k", ls="--", lw=0.8, label="teacher")
@@ -305,12 +310,15 @@ def plot_svg(loss_data, bar_data, docs, teacher_ppl):
                 top = Y(min(b["mean"], hi))
                 svg.add(f'<rect x="{cx - bw * 0.35:.1f}" y="{top:.1f}" width="{bw * 0.7:.1f}" '
                         f'height="{mt + H - top:.1f}" fill="{b["color"]}"/>')
-                if b["std"]:
+                if b["std"] and not b["clipped"]:
                     svg.line(cx, Y(b["mean"] - b["std"]), cx, Y(min(b["mean"] + b["std"], hi)), "#000", 1.2)
                     for yy in (b["mean"] - b["std"], b["mean"] + b["std"]):
                         if yy <= hi:
                             svg.line(cx - 5, Y(yy), cx + 5, Y(yy), "#000", 1.2)
-                svg.text(cx, Y(min(b["mean"] + (b["std"] or 0), hi)) - 4, f"{b['mean']:.3f}", 9)
+                if b["clipped"]:
+                    svg.text(cx, Y(hi) + 16, f"↑ {b['mean']:.3f}", 10, color="#fff")
+                else:
+                    svg.text(cx, Y(b["mean"] + (b["std"] or 0)) - 4, f"{b['mean']:.3f}", 9)
                 svg.text(cx, mt + H + 12, b["label"], 10, "end", rotate=-30)
             if teacher_ppl and lo <= teacher_ppl <= hi:
                 svg.line(x0 + ml, Y(teacher_ppl), x0 + ml + W, Y(teacher_ppl), "#000", 1, "6,3")
@@ -320,7 +328,7 @@ def plot_svg(loss_data, bar_data, docs, teacher_ppl):
             svg.text(x0 + ml + W / 2, 18, p["title"], 13)
         svg.text(pw * len(panels) / 2, ph + mb2 - mb - 6,
                  "dashed: the teacher; dotted: teacher + 0.5%; error bars: standard deviation over seeds; "
-                 "the axis does not start at 0", 10, color="#555")
+                 "the axis does not start at 0; ↑: a bar cut at the top", 10, color="#555")
         path = os.path.join(docs, NAME + "-ppl.svg")
         svg.save(path)
         files.append(path)
@@ -353,7 +361,7 @@ def plot_data(groups, results):
                 if tr:
                     curves.append({m["step"]: m["loss"] for m in tr if "loss" in m})
                 if va:
-                    vals.append({m["step"]: m.get("kl") for m in va if m.get("kl") is not None})
+                    vals.append({m["step"]: m["kl"] for m in va if m.get("kl") is not None})
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -381,11 +389,18 @@ def plot_data(groups, results):
                     label, color = "QAT-KD " + FREEZE_SHORT[freeze], COLORS[freeze]
                 bars.append({"label": label, "mean": m, "std": s, "color": color})
         if len(bars) > (1 if teacher else 0):
-            tops = [b["mean"] + (b["std"] or 0) for b in bars]
-            bots = [b["mean"] - (b["std"] or 0) for b in bars]
-            lo, hi = min(bots), max(tops)
+            tops = sorted(b["mean"] + (b["std"] or 0) for b in bars)
+            lo = min(b["mean"] - (b["std"] or 0) for b in bars)
+            hi = tops[-1]
+            # One bar far above the rest (RTN per-channel, say) would flatten the differences the plot is for:
+            # it is cut at the top of the axis and labelled with its value.
+            if len(tops) > 2 and tops[-1] - lo > 3 * (tops[-2] - lo):
+                hi = tops[-2] + (tops[-2] - lo) * 0.35
             pad = (hi - lo) * 0.12 or hi * 0.01
-            bar_data.append({"title": f"int{bits}", "bars": bars, "ylim": (max(0.0, lo - pad), hi + pad)})
+            ylim = (max(0.0, lo - pad), hi + pad)
+            for b in bars:
+                b["clipped"] = b["mean"] > ylim[1]
+            bar_data.append({"title": f"int{bits}", "bars": bars, "ylim": ylim})
     return loss_data, bar_data
 
 
@@ -656,7 +671,8 @@ def main():
     doc += ["## Plots", ""] + plot_links + ["",
             f"Drawn with {how}. Left panels int4, right int3. Loss: the training KD loss (KL to the teacher) per step, "
             "mean over seeds, smoothed over 2% of the steps, with the validation KL as dots. Perplexity: bars are "
-            "means, error bars the standard deviation over seeds; the axis does not start at 0.", ""]
+            "means, error bars the standard deviation over seeds; the axis does not start at 0, and a bar far above the "
+            "others is cut at the top and labelled ↑ with its value.", ""]
     doc += ["## Which projections int4 hurts most", ""] + ana + [""]
     doc += ["## Setup", ""] + setup + [""]
     doc += ["## Per seed", ""] + per_seed + [""]

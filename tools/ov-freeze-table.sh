@@ -7,10 +7,10 @@
 # docs/ov-freeze.md and the plots.
 #
 #   tools/ov-freeze-table.sh [--bin DIR] [--teacher DIR] [--corpus FILE[,FILE...]] [--results DIR] [--work DIR]
-#                            [--seeds N] [--steps N] [--batch N] [--seq-len N] [--lr LR] [--eval-every N]
-#                            [--train-args 'ARGS'] [--no-int3] [--rows REGEX] [--retry-failed]
+#                            [--val-percent P] [--seeds N] [--steps N] [--batch N] [--seq-len N] [--lr LR]
+#                            [--eval-every N] [--train-args 'ARGS'] [--no-int3] [--rows REGEX] [--retry-failed]
 #                            [--budget S] [--deadline S] [--since EPOCH] [--run-timeout S] [--eval-timeout S]
-#                            [--pack FILE] [--keep-checkpoints] [--dry-run]
+#                            [--pack FILE] [--unpack FILE] [--keep-checkpoints] [--dry-run]
 #
 # Sized for calls of 10 minutes: rows run in a fixed order (seed 0 of every method first), a row whose
 # results/<row>.json exists is skipped, so the next call goes on where this one stopped. No row starts after
@@ -32,11 +32,15 @@
 # commands), results/metrics/<row>.jsonl (qkd-train's metrics, thinned), results/logs/, results/analyze.json,
 # results/split.json, results/env.json (the GPU, driver, date and arguments of each call). After every row the
 # small files (not train.txt, val.txt) are packed into --pack (default $OUT/ov-freeze-results.tar.gz when $OUT
-# is set); unpack them into the results folder before the next call. Bulky run folders go to --work.
+# is set). Before the next call, unpack them into the results folder (which travels with the working tree), or
+# carry the pack itself and name it with --unpack FILE: it is unpacked here first, keeping files already there.
+# Bulky run folders (checkpoints, exported models) go to --work. Relative paths are taken from the repository's
+# root. A results folder holds one configuration: settings.json records it, and a call with other settings (steps,
+# batch, lr, ...) is refused rather than mixing them in one table.
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-cd "$ROOT"
+cd "$ROOT" || exit 1
 if [ -z "${QKD_SHARED_DATA:-}" ]; then
   if [ -d "$ROOT/.carry/shared/models" ]; then QKD_SHARED_DATA=$ROOT/.carry/shared; else QKD_SHARED_DATA=$ROOT/../shared/data; fi
 fi
@@ -49,7 +53,7 @@ work=/tmp/qkd-ov-freeze
 seeds=3 steps=500 batch=16 seq_len=256 lr=1e-5 eval_every=100 train_args=""
 int3=1 rows_re="" retry_failed=0 dry_run=0 keep_ckpt=0
 budget=520 deadline=585 since="" run_timeout=240 eval_timeout=120 val_percent=5
-pack=${OUT:+$OUT/ov-freeze-results.tar.gz}
+pack=${OUT:+$OUT/ov-freeze-results.tar.gz} unpack=""
 argv="$0 $*"
 while (($#)); do
   case "$1" in
@@ -75,9 +79,10 @@ while (($#)); do
     --run-timeout) run_timeout="$2"; shift ;;
     --eval-timeout) eval_timeout="$2"; shift ;;
     --pack) pack="$2"; shift ;;
+    --unpack) unpack="$2"; shift ;;
     --keep-checkpoints) keep_ckpt=1 ;;
     --dry-run) dry_run=1 ;;
-    -h|--help) sed -n '2,36p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     *) echo "ov-freeze-table: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -116,7 +121,7 @@ if ((dry_run)); then
   for ((i = 0; i < n_rows; i++)); do
     IFS='|' read -r name kind _ <<< "${rows[$i]}"
     state=todo
-    [ -f "$results/$name.json" ] && state=done
+    [ -f "$results/$name.json" ] && state="done"
     [ -f "$results/$name.failed" ] && state="failed before"
     [ -n "$rows_re" ] && ! [[ $name =~ $rows_re ]] && state="left out by --rows"
     printf '%2d/%d %-32s %-9s %s\n' $((i + 1)) "$n_rows" "$name" "$kind" "$state"
@@ -130,6 +135,9 @@ done
 [ -f "$teacher/config.json" ] || { echo "ov-freeze-table: no teacher at $teacher (give --teacher)" >&2; exit 1; }
 
 mkdir -p "$results/metrics" "$results/logs" "$work"
+if [ -n "$unpack" ]; then
+  tar -xzf "$unpack" -C "$results" --skip-old-files || { echo "ov-freeze-table: cannot unpack $unpack" >&2; exit 1; }
+fi
 results=$(cd "$results" && pwd)
 bin=$(cd "$bin" 2>/dev/null && pwd || echo "$bin")
 LOG=${OUT:+$OUT/ov-freeze.log}
@@ -145,6 +153,26 @@ quote() {
   done
   echo "${out% }"
 }
+
+# The settings every row shares; a results folder keeps one set.
+python3 - "$results/settings.json" "$steps" "$batch" "$seq_len" "$lr" "$eval_every" "$train_args" \
+  "$(basename "$teacher")" "$corpus" "$val_percent" <<'EOF' || exit 1
+import json, os, sys
+path = sys.argv[1]
+keys = ("steps", "batch", "seq_len", "lr", "eval_every", "train_args", "teacher", "corpus", "val_percent")
+vals = dict(zip(keys, sys.argv[2:]))
+vals["corpus"] = ",".join(os.path.basename(c) for c in vals["corpus"].split(",") if c)
+if os.path.exists(path):
+    old = json.load(open(path))
+    diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in vals.items() if old.get(k) != v]
+    if diff:
+        sys.exit(f"ov-freeze-table: {path} was made with other settings ({'; '.join(diff)}); give the same "
+                 "settings, or a new --results folder")
+else:
+    with open(path + ".tmp", "w") as f:
+        json.dump(vals, f, indent=1)
+    os.replace(path + ".tmp", path)
+EOF
 
 # ------------------------------------------------------------------------------------------- the environment
 # One entry per call, so the report can say on what and when each row ran.
@@ -277,7 +305,8 @@ j["settings"] = {k: value(v) for k, _, v in (l.partition("=") for l in settings.
 j["timing_s"] = {"train": float(t_train) if t_train != "-" else None, "eval": float(t_eval)}
 j["commands"] = commands
 if rundir != "-":
-    # qkd-train's metrics: the full file is thinned to the fields the report plots, 5 significant digits.
+    # qkd-train's metrics, thinned to what the report needs (they travel back and forth with the results): the
+    # training loss (= KL, the only loss term here) and gradient norm at 5 significant digits, the validation lines.
     train, val = [], []
     for l in open(os.path.join(rundir, "metrics.jsonl")):
         m = json.loads(l)
@@ -288,9 +317,10 @@ if rundir != "-":
     r = lambda x: float(f"{x:.5g}") if isinstance(x, float) else x
     with open(os.path.join(results, "metrics", row + ".jsonl.tmp"), "w") as f:
         for m in train:
-            f.write(json.dumps({k: r(m[k]) for k in ("type", "step", "loss", "kl", "ce", "grad_norm", "lr") if k in m}) + "\n")
+            keep = ("type", "step", "loss", "grad_norm") + (() if m.get("kl") == m.get("loss") else ("kl", "ce"))
+            f.write(json.dumps({k: r(m[k]) for k in keep if k in m}, separators=(",", ":")) + "\n")
         for m in val:
-            f.write(json.dumps({k: r(v) for k, v in m.items()}) + "\n")
+            f.write(json.dumps({k: r(v) for k, v in m.items()}, separators=(",", ":")) + "\n")
     os.replace(os.path.join(results, "metrics", row + ".jsonl.tmp"), os.path.join(results, "metrics", row + ".jsonl"))
     tps = [m["tokens_per_s"] for m in train if "tokens_per_s" in m]
     tail = [m["loss"] for m in train[-20:]]
@@ -472,7 +502,8 @@ for r in "${rows[@]}"; do
 done
 say "this call: $ran rows run, $failed failed; $done_rows done in all, $todo still to run, $failed_all failed${stopped_at:+ (next: $stopped_at)}"
 # A preview of the report (with plots where matplotlib is installed) travels back in the pack.
-python3 "$ROOT/tools/ov-freeze-report.py" --results "$results" --docs "$results/preview" --print 2>&1 | tee -a "$LOG"
+timeout 60 python3 "$ROOT/tools/ov-freeze-report.py" --results "$results" --docs "$results/preview" --print 2>&1 |
+  tee -a "$LOG"
 pack_results
 if ((todo > 0)); then
   say "call again to go on"
