@@ -258,3 +258,28 @@ TEST_CASE("a non-finite loss skips the step; too many in a row abort and keep th
   for (const auto& j : m) skipped += j.value("skipped", false) ? 1 : 0;
   CHECK(skipped == 4);
 }
+
+TEST_CASE("--teacher-data: distillation on sequences sampled from the teacher") {
+  QKD_REQUIRE_SHARED_DATA();
+  test::TempDir tmp("train-tdata");
+  TrainConfig c = small_config(tmp / "out");
+  c.data.clear();
+  c.teacher_data = 8;
+  c.val_fraction = 0.25f;
+  c.steps = 2;
+  c.eval_every = 1;
+  std::vector<std::string> lines;
+  TrainHooks h;
+  h.log = [&](const std::string& s) { lines.push_back(s); };
+  const TrainResult r = run_training(c, h);
+  CHECK(r.steps_done == 2);
+  bool sampled = false, windows = false;
+  for (const auto& l : lines) {
+    sampled = sampled || l.find("sampling 8 sequences of 32 tokens from the teacher") != std::string::npos;
+    windows = windows || l.find("6 training windows, 2 validation windows") != std::string::npos;
+  }
+  CHECK(sampled);
+  CHECK(windows);
+  CHECK(std::isfinite(r.val_ppl));
+  CHECK(r.val_ppl > 1.0);
+}

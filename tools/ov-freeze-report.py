@@ -67,6 +67,10 @@ class Group:
         return {r["settings"].get("seed"): r[field] for r in self.rows if field in r}
 
 
+def seeds_text(n):
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
 def mean_std(xs):
     if not xs:
         return None, None
@@ -467,7 +471,7 @@ def main():
         ok = rel <= 0.005
         targets.append(f"- **Within 0.5% of the teacher's perplexity: {'met' if ok else 'NOT met'}.** Int4 g128 "
                        f"QAT-KD with ov-freeze: {m:.4f} against the teacher's {t_ppl:.4f}, {rel * 100:+.2f}% "
-                       f"(mean of {len(ppls)} seeds; the worst seed {worst * 100:+.2f}%).")
+                       f"(mean of {seeds_text(len(ppls))}; the worst seed {worst * 100:+.2f}%).")
         rec = gap_recovered(ov, G.get("rtn4-sym"))
         if rec:
             b = G["rtn4-sym"].values("perplexity")[0]
@@ -475,8 +479,8 @@ def main():
             ok = mr >= 0.9
             targets.append(f"- **At least 90% of the RTN gap recovered: {'met' if ok else 'NOT met'}.** RTN int4 g128 "
                            f"symmetric (the student's own format) is at {b:.4f}, {b - t_ppl:+.4f} above the teacher; "
-                           f"ov-freeze QAT-KD recovers {mr * 100:.1f}% of that gap (mean of {len(rec)} seeds; the "
-                           f"least {min(rec) * 100:.1f}%).")
+                           f"ov-freeze QAT-KD recovers {mr * 100:.1f}% of that gap (mean of {seeds_text(len(rec))}; "
+                           f"the least {min(rec) * 100:.1f}%).")
             if "rtn4-asym" in G:
                 ba = G["rtn4-asym"].values("perplexity")[0]
                 if ba != t_ppl:
@@ -520,11 +524,14 @@ def main():
                 summary.append(f"At int4 g128, ov-freeze ends at a {word} perplexity than training every projection "
                                f"({m:+.4f} on average over {len(d)} seeds, {m / t_ppl * 100 if t_ppl else 0:+.2f}% of "
                                f"the teacher's), a difference beyond the spread between seeds.")
+            elif sd is None:
+                summary.append(f"At int4 g128, ov-freeze ends {abs(m):.4f} {word} in perplexity than training every "
+                               f"projection, from one seed: too few to tell that from the seed noise.")
             else:
                 summary.append(f"At int4 g128, ov-freeze and training every projection end at perplexities that "
-                               f"{len(d)} seed{'s' if len(d) > 1 else ''} do not tell apart ({m:+.4f} on average"
-                               f"{'' if sd is None else f', standard deviation {sd:.4f}'}): on this model, freezing o "
-                               f"and v as RTN int4 neither helps nor hurts by more than the seed noise.")
+                               f"{seeds_text(len(d))} do not tell apart ({m:+.4f} on average, standard deviation of "
+                               f"the paired differences {sd:.4f}): on this model, freezing o and v as RTN int4 neither "
+                               f"helps nor hurts by more than the seed noise.")
 
     # ---- qkd-analyze
     ana = []
@@ -595,9 +602,11 @@ def main():
                  f"whose argmax matches the teacher's.")
     if qs:
         setup.append(f"- QAT-KD: `qkd-train`, {qs.get('steps')} steps of {qs.get('batch')} × {qs.get('seq_len')} "
-                     f"tokens, lr {qs.get('lr')} (cosine to 10%, no warm-up), KL to the teacher only, learned "
-                     f"symmetric scales (LSQ), frozen layers quantized once by RTN at the student's bits"
-                     f"{', extra flags ' + repr(qs.get('train_args')) if qs.get('train_args') else ''}; seeds "
+                     f"tokens at lr {qs.get('lr'):g}; otherwise qkd-train's defaults (loss: KL to the teacher alone; "
+                     f"AdamW β 0.9/0.95, no weight decay, gradient norm clipped at 1, no warm-up, cosine decay to 10% "
+                     f"of the peak; learned symmetric scales (LSQ) at the same lr; the frozen layers quantized once by "
+                     f"RTN at the student's bits)"
+                     f"{'; extra flags `' + str(qs.get('train_args')) + '` (these override)' if qs.get('train_args') else ''}; seeds "
                      f"{sorted({r['settings'].get('seed') for r in rows.values() if r['settings'].get('method') == 'qat-kd'})}"
                      f" (a seed sets the data order; the start is the same RTN student for every seed).")
     setup.append("- † The int3 RTN row: qkd-quantize writes int4 only, so it is `qkd-train --bits 3 --steps 1 "
@@ -637,12 +646,12 @@ def main():
             if c not in seen:
                 seen.add(c)
                 examples.append(c)
-    missing = []
-    expected = [k for k in ("teacher", "rtn4-sym", "rtn4-asym", "rtn4-ch", "qat4-none", "qat4-o,v", "qat4-q,k",
-                            "rtn3-sym", "qat3-none", "qat3-o,v", "qat3-q,k")]
-    for k in expected:
-        if k not in G:
-            missing.append(k)
+    names = {"teacher": "the teacher", "rtn4-sym": "RTN int4 g128 symmetric", "rtn4-asym": "RTN int4 g128 asymmetric",
+             "rtn4-ch": "RTN int4 per-channel", "rtn3-sym": "RTN int3 g128 †"}
+    for b_ in (4, 3):
+        for f in ("none", "o,v", "q,k"):
+            names[f"qat{b_}-{f}"] = f"QAT-KD int{b_} {FREEZE_SHORT[f]}"
+    missing = [v for k, v in names.items() if k not in G]
     few = [f"{g.label} {FREEZE_SHORT.get(g.key.split('-', 1)[1], '')}".strip() + f" ({len(g.rows)})"
            for g in groups if g.key.startswith("qat") and len(g.rows) < 3]
 
@@ -693,7 +702,7 @@ def main():
         doc += examples + ["```", ""]
     out = os.path.join(a.docs, NAME + ".md")
     with open(out + ".tmp", "w") as f:
-        f.write("\n".join(doc))
+        f.write("\n".join(doc) + "\n")
     os.replace(out + ".tmp", out)
     print(f"ov-freeze-report: wrote {out} and {', '.join(files) or 'no plots'}", file=sys.stderr)
     if a.print:

@@ -429,7 +429,7 @@ json.dump(j, open(sys.argv[3], 'w'), indent=1)
     t_train=$(($(elapsed) - t0))
     if ((step_rc != 0)); then
       if ((step_cut)); then stopped_at=$name; say "  cut by the deadline; redone next call"; break; fi
-      mark_failed "$name" "qkd-quantize" "$qlog"; failed=$((failed + 1)); continue
+      mark_failed "$name" "qkd-quantize" "$qlog"; failed=$((failed + 1)); pack_results; continue
     fi
     cp -f "$qlog" "$results/logs/$name.quantize.log"
   elif [ "$kind" = qat ] || [ "$kind" = rtn-train ]; then
