@@ -117,6 +117,9 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
 
   // Models: loading maps the files, so it is cheap; every shape check happens before the engine allocates.
   const std::string init_path = cfg.init.empty() ? cfg.teacher : cfg.init;
+  // The quantization settings against the model's shape first (a group size that does not divide a layer is a
+  // settings error, reported before anything else is read).
+  make_plan(load_model(init_path).config, quant_spec(cfg));
   ModelBundle teacher;
   if (distill) teacher = load_bundle(cfg.teacher);
   ModelBundle init_bundle;
