@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
     p.add("--init-scales", &c.init_scales, "DIR", "a qkd int4 checkpoint whose scales start the learned step sizes");
     p.add("--out", &c.out, "DIR", "output directory");
     p.add("--backend", &c.backend, "NAME", "auto, cpu or cuda");
+    p.add("--gpus", &c.gpus, "N", "data parallel over N GPUs of this host through NCCL");
     p.add("--bits", &c.bits, "N", "weight bits of the student, 2..8 (16: no quantization)");
     p.add("--group-size", &c.group_size, "N", "quantization group: 32, 64, 128, or 0 for per-channel");
     p.add("--freeze", &c.freeze, "LIST", "linear layers quantized once and frozen: none or a list of q,k,v,o,gate,up,down");

@@ -32,6 +32,7 @@ std::vector<Key> keys(TrainConfig& c) {
       {"init_scales", &c.init_scales, false},
       {"out", &c.out, false},
       {"backend", &c.backend, false},
+      {"gpus", &c.gpus, false},
       {"bits", &c.bits, true},
       {"group_size", &c.group_size, true},
       {"freeze", &c.freeze, true},
@@ -200,6 +201,11 @@ void validate(const TrainConfig& c) {
   }
   QKD_CHECK(c.backend == "auto" || c.backend == "cpu" || c.backend == "cuda",
             "--backend: '{}' is not auto, cpu or cuda", c.backend);
+  QKD_CHECK(c.gpus >= 1, "--gpus: {} must be at least 1", c.gpus);
+  QKD_CHECK(c.gpus == 1 || c.backend != "cpu", "--gpus {}: data parallelism needs --backend cuda", c.gpus);
+  QKD_CHECK(c.gpus == 1 || c.batch % (c.gpus * std::max(c.micro_batch, 1)) == 0,
+            "--batch {} does not split into {} GPUs of micro-batches of {}", c.batch, c.gpus,
+            c.micro_batch == 0 ? c.batch / c.gpus : c.micro_batch);
   QKD_CHECK(c.bits == kDenseBits || (c.bits >= kFakeQuantMinBits && c.bits <= kFakeQuantMaxBits),
             "--bits: {} is outside 2..8 (or 16 for no quantization)", c.bits);
   QKD_CHECK(c.group_size == 0 || c.group_size == 32 || c.group_size == 64 || c.group_size == 128,

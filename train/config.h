@@ -20,6 +20,7 @@ struct TrainConfig {
   std::string init_scales;         // a qkd int4 checkpoint whose scales start the LSQ step sizes
   std::string out;                 // output directory: checkpoint/, model/ (the int4 export), metrics.jsonl
   std::string backend = "auto";    // auto | cpu | cuda
+  int gpus = 1;                    // > 1: data parallel over that many GPUs (NCCL)
   // quantization
   int bits = 4;                    // 2..8, or 16 for no quantization
   int group_size = 128;            // 32, 64, 128, or 0 for per-channel

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/error.h"
+#include "train/data_parallel.h"
 #include "train/ops.h"
 #include "train/transformer.h"
 
@@ -137,9 +138,15 @@ class EngineImpl final : public Engine {
     return run(windows, n_seqs, false);
   }
 
-  double finish_gradients() override {
-    student_->quantize_backward();
-    return std::sqrt(ops_.sum_squares(grad_, plan_.total));
+  void quantizer_backward() override { student_->quantize_backward(); }
+  double gradient_norm() override { return std::sqrt(ops_.sum_squares(grad_, plan_.total)); }
+  float* device_gradients() override {
+    if constexpr (std::is_same_v<Ops, CudaOps>) return grad_;
+    return nullptr;
+  }
+  cudaStream_t cuda_stream() override {
+    if constexpr (std::is_same_v<Ops, CudaOps>) return ops_.stream();
+    return nullptr;
   }
 
   void apply(const AdamWStep& s) override {
@@ -412,6 +419,11 @@ bool cuda_present() {
 
 std::unique_ptr<Engine> make_engine(const EngineOptions& opt, const Plan& plan, const HostInit& init,
                                     const ModelWeights* teacher) {
+  if (opt.gpus > 1) {
+    QKD_CHECK(opt.backend != runtime::BackendKind::Cpu, "--gpus {}: data parallelism runs on CUDA, not --backend cpu",
+              opt.gpus);
+    return make_data_parallel_engine(opt, plan, init, teacher);
+  }
   runtime::BackendKind b = opt.backend;
   if (b == runtime::BackendKind::Auto) {
     b = cuda_present() ? runtime::BackendKind::Cuda : runtime::BackendKind::Cpu;

@@ -17,6 +17,8 @@
 #include <memory>
 #include <vector>
 
+#include <cuda_runtime.h>
+
 #include "loader/model.h"
 #include "runtime/model.h"
 #include "train/plan.h"
@@ -33,6 +35,7 @@ struct LossOptions {
 
 struct EngineOptions {
   runtime::BackendKind backend = runtime::BackendKind::Auto;
+  int gpus = 1;         // > 1: data parallel over that many GPUs through NCCL (train/data_parallel.h)
   int micro_batch = 1;  // sequences per forward/backward pass
   int seq_len = 128;
   LossOptions loss;
@@ -64,7 +67,17 @@ class Engine {
   // windows: host [n_seqs, seq_len + 1]; inputs are [:, :-1], targets [:, 1:]. n_seqs a multiple of micro_batch.
   virtual LossSums accumulate(const int32_t* windows, int n_seqs) = 0;
   // After the last accumulate(): finishes the quantizer's gradients; returns the global L2 norm of all gradients.
-  virtual double finish_gradients() = 0;
+  virtual double finish_gradients() {
+    quantizer_backward();
+    return gradient_norm();
+  }
+  // The two halves of finish_gradients (a data-parallel engine all-reduces the gradients between them; the
+  // quantizer's backward is linear in the gradient it consumes, so the order does not matter).
+  virtual void quantizer_backward() = 0;
+  virtual double gradient_norm() = 0;
+  // CUDA engines: the fp32 gradient buffer [plan().total] on the device, and the stream that writes it.
+  virtual float* device_gradients() { return nullptr; }
+  virtual cudaStream_t cuda_stream() { return nullptr; }
   virtual void apply(const AdamWStep& s) = 0;
   // Validation: losses (no gradients) of the current weights, same loss definitions, unweighted sums.
   virtual LossSums evaluate(const int32_t* windows, int n_seqs) = 0;

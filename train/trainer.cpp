@@ -103,7 +103,7 @@ std::vector<int32_t> gather(const Windows& w, const std::vector<int64_t>& idx) {
 TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
   TrainConfig cfg = cfg_in;
   validate(cfg);
-  if (cfg.micro_batch == 0) cfg.micro_batch = cfg.batch;
+  if (cfg.micro_batch == 0) cfg.micro_batch = cfg.batch / cfg.gpus;
   if (cfg.scale_lr == 0.0f) cfg.scale_lr = cfg.lr;
   if (cfg.metrics.empty()) cfg.metrics = (fs::path(cfg.out) / "metrics.jsonl").string();
   const bool distill = cfg.mode == "distill";
@@ -170,6 +170,7 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
   EngineOptions eo;
   eo.backend = backend;
   eo.micro_batch = cfg.micro_batch;
+  eo.gpus = cfg.gpus;
   eo.seq_len = cfg.seq_len;
   if (distill) {
     eo.loss = {cfg.ce_weight, cfg.kd_weight, cfg.temperature, cfg.contrastive_weight, cfg.contrastive_temperature};
