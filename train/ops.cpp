@@ -1,6 +1,7 @@
 #include "train/ops.h"
 
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/cuda_check.h"
 #include "kernels/error.h"
@@ -10,18 +11,24 @@ namespace qkd::train {
 
 // ------------------------------------------------------------------------------------------------------ CPU
 
-Int4Weight CpuOps::upload_int4(const Int4HostWeight& w) {
-  uint32_t* packed = alloc<uint32_t>(static_cast<int64_t>(w.packed.size()));
-  uint16_t* scales = alloc<uint16_t>(static_cast<int64_t>(w.scales.size()));
-  upload(packed, w.packed.data(), static_cast<int64_t>(w.packed.size()));
-  upload(scales, w.scales.data(), static_cast<int64_t>(w.scales.size()));
-  uint16_t* mins = nullptr;
-  if (!w.mins.empty()) {
-    mins = alloc<uint16_t>(static_cast<int64_t>(w.mins.size()));
-    upload(mins, w.mins.data(), static_cast<int64_t>(w.mins.size()));
-  }
+namespace {
+// A copy of an int4 weight in the backend's memory, and its view.
+template <class Ops>
+Int4Weight upload_int4_copy(Ops& ops, const Int4HostWeight& w) {
+  auto put = [&](const auto& v) {
+    using U = typename std::decay_t<decltype(v)>::value_type;
+    U* p = ops.template alloc<U>(static_cast<int64_t>(v.size()));
+    ops.upload(p, v.data(), static_cast<int64_t>(v.size()));
+    return p;
+  };
+  const uint32_t* packed = put(w.packed);
+  const uint16_t* scales = put(w.scales);
+  const uint16_t* mins = w.mins.empty() ? nullptr : put(w.mins);
   return {packed, scales, mins, w.n, w.k, w.group_size, w.sym, w.scale_type};
 }
+}  // namespace
+
+Int4Weight CpuOps::upload_int4(const Int4HostWeight& w) { return upload_int4_copy(*this, w); }
 
 namespace {
 // y (=|+=) alpha * t, for the rare alpha != 1 products (the contrastive loss's 1 / temperature).
@@ -101,17 +108,9 @@ void CudaOps::zero_bytes(void* p, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(p, 
 void CudaOps::sync() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
 Int4Weight CudaOps::upload_int4(const Int4HostWeight& w) {
-  uint32_t* packed = alloc<uint32_t>(static_cast<int64_t>(w.packed.size()));
-  uint16_t* scales = alloc<uint16_t>(static_cast<int64_t>(w.scales.size()));
-  upload(packed, w.packed.data(), static_cast<int64_t>(w.packed.size()));
-  upload(scales, w.scales.data(), static_cast<int64_t>(w.scales.size()));
-  uint16_t* mins = nullptr;
-  if (!w.mins.empty()) {
-    mins = alloc<uint16_t>(static_cast<int64_t>(w.mins.size()));
-    upload(mins, w.mins.data(), static_cast<int64_t>(w.mins.size()));
-  }
+  const Int4Weight v = upload_int4_copy(*this, w);
   sync();  // the host copies may go away once this returns
-  return {packed, scales, mins, w.n, w.k, w.group_size, w.sym, w.scale_type};
+  return v;
 }
 
 void CudaOps::to_compute(T* dst, const float* host_src, int64_t n) {
