@@ -202,6 +202,7 @@ nlohmann::json train_bench(const ModelConfig& c, const std::string& label, const
   std::vector<double> step_ms;
   double kl_first = 0.0, kl_last = 0.0, gnorm_first = 0.0, gnorm_last = 0.0, memory_used = 0.0, engine_ms = 0.0;
   bool finite = true;
+  nlohmann::json phases = nlohmann::json::object();
   {
     std::unique_ptr<train::Engine> engine;
     {
@@ -247,6 +248,8 @@ nlohmann::json train_bench(const ModelConfig& c, const std::string& label, const
       gnorm_last = gnorm;
       step_ms.push_back(ms);
     }
+    // QKD_TRAIN_PHASES: ms per step of each phase, over all steps (warm-up included)
+    for (const auto& [name, ms] : engine->phase_ms()) phases[name] = ms / static_cast<double>(o.warmup + o.steps);
   }
   if (!finite) std::fprintf(stderr, "qkd-bench --train: warning: a step had a non-finite loss or gradient norm\n");
 
@@ -264,6 +267,7 @@ nlohmann::json train_bench(const ModelConfig& c, const std::string& label, const
 
   return {{"tool", "qkd-bench"},
           {"mode", "train"},
+          {"phase_ms_per_step", phases},
           {"device", prop.name},
           {"sms", prop.multiProcessorCount},
           {"model", label},

@@ -2,6 +2,9 @@
 #include "train/engine.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <map>
 #include <cstdio>
 #include <type_traits>
 
@@ -17,8 +20,11 @@ namespace qkd::train {
 namespace {
 
 // Rows of logits materialised at a time: the loss head never holds more than one such block of logits (and of
-// their gradients, written in place). 8 Mi elements is 16 MiB in bf16 and 32 MiB in fp32.
-constexpr int64_t kLossBlockElements = int64_t{8} << 20;
+// their gradients, written in place). On the GPU 64 Mi elements (128 MiB of bf16: 2048 rows of a 32000-token
+// vocabulary), so the LM head's GEMMs are large enough to run at the matrix rate; on the CPU 8 Mi (32 MiB of
+// fp32), where the block size does not change the speed.
+template <typename T>
+constexpr int64_t kLossBlockElements = std::is_same_v<T, float> ? int64_t{8} << 20 : int64_t{64} << 20;
 
 template <class Ops>
 class EngineImpl final : public Engine {
@@ -96,7 +102,7 @@ class EngineImpl final : public Engine {
     if (teacher != nullptr) build_teacher(*teacher);
 
     const int n = opt.micro_batch * opt.seq_len;
-    block_rows_ = static_cast<int>(std::clamp<int64_t>(kLossBlockElements / c.vocab_size, 1, n));
+    block_rows_ = static_cast<int>(std::clamp<int64_t>(kLossBlockElements<T> / c.vocab_size, 1, n));
     logits_ = ops_.template alloc<T>(int64_t{block_rows_} * c.vocab_size);
     if (teacher_) tlogits_ = ops_.template alloc<T>(int64_t{block_rows_} * c.vocab_size);
     ce_ = ops_.template alloc<acc_t<T>>(n);
@@ -128,9 +134,13 @@ class EngineImpl final : public Engine {
   void begin_step(int64_t step_tokens) override {
     QKD_CHECK(step_tokens > 0, "begin_step: {} tokens", step_tokens);
     step_tokens_ = step_tokens;
+    mark(nullptr);
     ops_.zero(grad_, plan_.total);
     student_->quantize();
+    mark("fake quant forward");
   }
+
+  std::map<std::string, double> phase_ms() const override { return phase_ms_; }
 
   LossSums accumulate(const int32_t* windows, int n_seqs) override { return run(windows, n_seqs, true); }
   LossSums evaluate(const int32_t* windows, int n_seqs) override {
@@ -138,7 +148,11 @@ class EngineImpl final : public Engine {
     return run(windows, n_seqs, false);
   }
 
-  void quantizer_backward() override { student_->quantize_backward(); }
+  void quantizer_backward() override {
+    mark(nullptr);
+    student_->quantize_backward();
+    mark("fake quant backward");
+  }
   double gradient_norm() override { return std::sqrt(ops_.sum_squares(grad_, plan_.total)); }
   float* device_gradients() override {
     if constexpr (std::is_same_v<Ops, CudaOps>) return grad_;
@@ -150,6 +164,7 @@ class EngineImpl final : public Engine {
   }
 
   void apply(const AdamWStep& s) override {
+    mark(nullptr);
     for (const Segment& seg : plan_.segments) {
       const bool is_scale = seg.name.ends_with(".scales") || seg.name.ends_with(".clip");
       AdamWArgs a{};
@@ -172,6 +187,7 @@ class EngineImpl final : public Engine {
       ops_.adamw(a);
     }
     ops_.sync();
+    mark("adamw");
   }
 
   void get_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v) override {
@@ -244,6 +260,15 @@ class EngineImpl final : public Engine {
   }
 
  private:
+  // Phase timing (QKD_TRAIN_PHASES): mark(nullptr) starts a phase, mark(name) ends it.
+  void mark(const char* name) {
+    if (!phases_) return;
+    ops_.sync();
+    const auto now = std::chrono::steady_clock::now();
+    if (name != nullptr) phase_ms_[name] += std::chrono::duration<double, std::milli>(now - phase_t0_).count();
+    phase_t0_ = now;
+  }
+
   std::vector<float> to_host(const T* p, int64_t n) {
     std::vector<float> out(static_cast<size_t>(n));
     if constexpr (std::is_same_v<T, float>) {
@@ -310,8 +335,11 @@ class EngineImpl final : public Engine {
         std::copy(w + 1, w + s + 1, targets.begin() + int64_t{b} * s);
       }
       ops_.upload(targets_, targets.data(), n);
+      mark(nullptr);
       if (teacher_ && (kd || ctr)) teacher_->forward(inputs.data());
+      mark("teacher forward");
       student_->forward(inputs.data());
+      mark("student forward");
       const T* xf = student_->xf();
       for (int r0 = 0; r0 < n; r0 += block_rows_) {
         const int rows = std::min(block_rows_, n - r0);
@@ -340,8 +368,11 @@ class EngineImpl final : public Engine {
                           Accumulate::Overwrite);
         ops_.linear_wgrad(student_->weights().d_head, logits_, xs, rows, vocab, c.dim);
       }
+      mark("lm head and losses");
       if (ctr) contrastive(xf, train, grad_scale);
+      mark("contrastive");
       if (train) student_->backward(dxf_);
+      mark("student backward");
       ops_.download(ce.data(), ce_, n);
       if (kd) ops_.download(kl.data(), kl_, n);
       if (ctr) ops_.download(cl.data(), ctr_, n);
@@ -406,6 +437,9 @@ class EngineImpl final : public Engine {
   float *ns_ = nullptr, *nt_ = nullptr;
   acc_t<T>* ctr_ = nullptr;
   int32_t* arange_ = nullptr;
+  bool phases_ = std::getenv("QKD_TRAIN_PHASES") != nullptr;
+  std::chrono::steady_clock::time_point phase_t0_;
+  std::map<std::string, double> phase_ms_;
 };
 
 bool cuda_present() {

@@ -14,7 +14,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -101,6 +103,11 @@ class Engine {
     LossSums loss;
   };
   virtual Probe probe(const int32_t* windows) = 0;
+
+  // With QKD_TRAIN_PHASES set in the environment, the engine synchronises after each phase of a step (teacher
+  // forward, student forward, LM head and losses, backward, fake quantization, optimizer) and adds its wall time
+  // here, in ms since the engine was built. A diagnostic for speed work: the syncs cost a little overlap.
+  virtual std::map<std::string, double> phase_ms() const { return {}; }
 };
 
 // teacher may be null (pretraining: cross-entropy only). The student starts from `init`.
