@@ -80,14 +80,7 @@ void compare_case(const std::string& case_name, const QuantSpec& q) {
     // The fixture's step sizes and clip factors, and the frozen layers quantized with the fixture's scales.
     for (size_t l = 0; l < plan.layers.size(); ++l) {
       for (const LinearPlan* lin : plan.layers[l].linears()) {
-        const std::string mod = fmt::format("model.layers.{}.{}", l,
-                                            std::string(lin->module == Int4Module::Q      ? "self_attn.q_proj"
-                                                        : lin->module == Int4Module::K    ? "self_attn.k_proj"
-                                                        : lin->module == Int4Module::V    ? "self_attn.v_proj"
-                                                        : lin->module == Int4Module::O    ? "self_attn.o_proj"
-                                                        : lin->module == Int4Module::Gate ? "mlp.gate_proj"
-                                                        : lin->module == Int4Module::Up   ? "mlp.up_proj"
-                                                                                          : "mlp.down_proj"));
+        const std::string mod = linear_module_name(static_cast<int>(l), lin->module);
         if (lin->kind == LinearKind::Frozen) {
           const std::vector<float> s = tensor(*ref, "init." + mod + ".frozen_scales");
           const TensorView& wv = lin->module == Int4Module::O ? student.layers[l].wo : student.layers[l].wv;

@@ -5,6 +5,7 @@
 
 #include "kernels/error.h"
 #include "kernels/fake_quant.h"
+#include "kernels/int4_gemm.h"
 #include "train/engine.h"
 #include "train/plan.h"
 
@@ -91,14 +92,7 @@ AnalyzeResult analyze_projections(const ModelWeights& model, const std::vector<i
         const Segment& s = base_plan.segments[static_cast<size_t>(lin->w)];
         const Int4HostWeight& f = frozen[static_cast<size_t>(fi++)];
         std::vector<float> deq(static_cast<size_t>(s.numel));
-        const Int4Weight v = f.view();
-        for (int r = 0; r < v.n; ++r)
-          for (int c = 0; c < v.k; ++c) {
-            const float sc = int4_scale_to_float(v.scales[static_cast<int64_t>(r) * (v.k / v.group_size) + c / v.group_size],
-                                                 v.scale_type);
-            deq[static_cast<size_t>(r) * v.k + c] =
-                int4_dequant_value(int4_get(v.packed + static_cast<int64_t>(r) * (v.k / 8), c), sc, 0.0f, v.sym);
-          }
+        cpu::dequantize_int4(f.view(), deq.data());
         for (int64_t i = 0; i < s.numel; ++i) {
           const double w = base_init.master[static_cast<size_t>(s.offset + i)];
           num += (deq[static_cast<size_t>(i)] - w) * (deq[static_cast<size_t>(i)] - w);

@@ -60,6 +60,14 @@ TensorView& layer_view(LayerWeights& l, Int4Module m) {
   return const_cast<TensorView&>(layer_view(static_cast<const LayerWeights&>(l), m));
 }
 
+}  // namespace
+
+std::string linear_module_name(int layer, Int4Module m) {
+  return fmt::format("model.layers.{}.{}", layer, hf_module_suffix(m));
+}
+
+namespace {
+
 bool is_frozen(const QuantSpec& q, Int4Module m) { return ((q.frozen >> static_cast<int>(m)) & 1u) != 0; }
 
 }  // namespace
@@ -116,7 +124,7 @@ Plan make_plan(const ModelConfig& c, const QuantSpec& q) {
       LinearPlan& lin = *l.linears()[j];
       lin.module = kLinearModules[j];
       std::tie(lin.n, lin.k) = linear_shape(c, lin.module);
-      const std::string mod = pre + hf_module_suffix(lin.module);
+      const std::string mod = linear_module_name(i, lin.module);
       if (is_frozen(q, lin.module)) {
         lin.kind = LinearKind::Frozen;
         lin.frozen = p.n_frozen++;
@@ -251,7 +259,7 @@ Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
     lw.attn_norm = dense(l.attn_norm);
     lw.ffn_norm = dense(l.ffn_norm);
     for (const LinearPlan* lin : l.linears()) {
-      const std::string name = fmt::format("model.layers.{}.{}", i, hf_module_suffix(lin->module));
+      const std::string name = linear_module_name(static_cast<int>(i), lin->module);
       TensorView& t = layer_view(lw, lin->module);
       if (lin->kind == LinearKind::Frozen) {
         t = int4(std::make_shared<Int4HostWeight>(frozen[static_cast<size_t>(lin->frozen)]), name);

@@ -82,6 +82,10 @@ struct Plan {
 
 Plan make_plan(const ModelConfig& c, const QuantSpec& q);
 
+// The Hugging Face module of a layer's linear layer, e.g. "model.layers.3.self_attn.q_proj" (segment names are
+// this plus ".weight", ".scales" or ".clip").
+std::string linear_module_name(int layer, Int4Module m);
+
 // Initial values, on the host: the master weights from `init` (a model of the same shape: the teacher, or any
 // loader's model), the step sizes by round to nearest or from `scales_from` (a qkd int4 checkpoint with the same
 // group size, may be null), clip factors 1, and the frozen modules quantized once. Throws qkd::Error naming the
