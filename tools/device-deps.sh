@@ -14,6 +14,10 @@ rm -rf $dest && mkdir -p $dest/debs
   echo "device-deps: apt-get download failed (run 'apt-get update' first?)" >&2; exit 1; }
 for d in $dest/debs/*.deb; do dpkg-deb -x "$d" $dest/root; done
 rm -rf $dest/debs $dest/root/usr/share/doc $dest/root/usr/share/man
+# qkd links sentencepiece's encoder only; dropping the 1.5 MB trainer library keeps a device call's carry (the tree,
+# these files and teacher-25m) under its 64 MiB limit.
+rm -f $dest/root/usr/lib/x86_64-linux-gnu/libsentencepiece_train.*
+sed -i 's/ -lsentencepiece_train//' $dest/root/usr/lib/x86_64-linux-gnu/pkgconfig/sentencepiece.pc
 cat > $dest/env.sh <<'EOS'
 # Sourced on the GPU machine: points CMake and pkg-config at the carried Debian packages, wherever they landed.
 QKD_DEPS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/root/usr
