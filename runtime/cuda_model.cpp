@@ -28,6 +28,7 @@
 #include "kernels/embedding.h"
 #include "kernels/error.h"
 #include "kernels/gemm.h"
+#include "kernels/int4_dequant.h"
 #include "kernels/int4_gemm.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/sampling.h"
@@ -49,6 +50,12 @@ constexpr int64_t kLogitsBytes = int64_t{64} << 20;
 // Device memory the model does not allocate itself but needs free: cuBLASLt's handle and kernels, the CUDA
 // graphs' executables and lazily loaded kernel modules. An estimate with room to spare.
 constexpr int64_t kRuntimeReserve = int64_t{256} << 20;
+// Prefill steps of at least this many rows with int4 weights run cuBLASLt on bf16 copies of the weights made one
+// layer ahead on a second stream (kernels/int4_dequant.h) instead of the fused int4 GEMM: at this size the
+// product is compute-bound and the fused kernel's mma.sync loop reaches about a third of cuBLASLt's rate
+// (docs/int4-gemm-notes.md), while dequantizing costs 2.5 bytes a weight of memory traffic that overlaps the
+// previous layer's GEMMs. Two layers' bf16 weights of scratch (808 MiB for a 7B model) buy it.
+constexpr int kDequantRows = 256;
 // Graphs kept (one per batch size and pick); older ones are dropped first.
 constexpr size_t kMaxGraphs = 16;
 
@@ -119,8 +126,11 @@ class CudaModelImpl final : public CudaModel {
   void upload(const ModelWeights& w);
   void randomize(uint64_t seed);
 
-  void linear(const DeviceLinear& w, const bf16* x, bf16* y, int m, Accumulate mode);
+  // y = x . W^T (+ y); `dense`, when given, is a bf16 copy of an int4 W to run through cuBLASLt instead.
+  void linear(const DeviceLinear& w, const bf16* dense, const bf16* x, bf16* y, int m, Accumulate mode);
   void enqueue_layers(int batch, int len, const int32_t* tok, const int32_t* pos, const int32_t* start);
+  // On dq_stream_: layer l's int4 weights into scratch slot l % 2 (see kDequantRows).
+  void stage_dequant(int l);
   void lm_head(const bf16* h, int m);  // logits_[m, vocab] = h[m, dim] . lm_head^T, fp32
   void write_decode_inputs(std::span<const int32_t> tokens, std::span<const int32_t> start_pos,
                            std::span<const float> uniform, int batch);
@@ -145,6 +155,14 @@ class CudaModelImpl final : public CudaModel {
   const DeviceLinear* lm_head_ = nullptr;  // lm_head_own_, or embed_ when tied
   std::vector<Layer> layers_;
   std::vector<std::string> layer_formats_;
+
+  // Dequantized prefill (kDequantRows): two slots, each with room for one layer's qkv, wo, gate_up and down.
+  bool dequant_prefill_ = false;
+  size_t off_slot_[2] = {0, 0};
+  size_t slot_qkv_ = 0, slot_wo_ = 0, slot_gate_up_ = 0, slot_down_ = 0;  // element offsets within a slot
+  bf16* slot_[2] = {nullptr, nullptr};
+  CudaStream dq_stream_;
+  CudaEvent dq_start_, slot_ready_[2], slot_free_[2];
 
   DecodeAttentionPlan plan_one_, plan_all_;  // decode attention for batch 1 and for max_batch
   bool fast_attention_ = false;              // head_dim 64/128: kernels/attention.h; else the narrow-head kernel
@@ -229,6 +247,9 @@ CudaModelImpl::CudaModelImpl(const ModelConfig& c, const ModelWeights* w, const 
   dec_in_ = arena_.at<int32_t>(off_.dec_in);
   next_ = arena_.at<int32_t>(off_.next);
   attn_ws_ = arena_.at<void>(off_.attn_ws);
+  if (dequant_prefill_) {
+    for (int i = 0; i < 2; ++i) slot_[i] = arena_.at<bf16>(off_slot_[i]);
+  }
   sync();
   lt_ = std::make_unique<CublasLt>();
 
@@ -346,6 +367,20 @@ void CudaModelImpl::plan(const ModelWeights* w, int quantize_group) {
   off_.dec_in = arena_.reserve(3 * static_cast<size_t>(max_batch_) * sizeof(int32_t));
   off_.next = arena_.reserve(static_cast<size_t>(max_batch_) * sizeof(int32_t));
   off_.attn_ws = arena_.reserve(std::max(plan_one_.workspace_bytes, plan_all_.workspace_bytes));
+  bool any_int4 = false;
+  for (const Layer& L : layers_) {
+    for (const DeviceLinear* d : {&L.qkv, &L.wo, &L.gate_up, &L.down}) any_int4 = any_int4 || d->fmt.int4;
+  }
+  dequant_prefill_ = any_int4 && step_rows_ >= kDequantRows;
+  if (dequant_prefill_) {
+    const Layer& L = layers_[0];  // every layer has the same shapes
+    slot_qkv_ = 0;
+    slot_wo_ = slot_qkv_ + static_cast<size_t>(L.qkv.n) * L.qkv.k;
+    slot_gate_up_ = slot_wo_ + static_cast<size_t>(L.wo.n) * L.wo.k;
+    slot_down_ = slot_gate_up_ + static_cast<size_t>(L.gate_up.n) * L.gate_up.k;
+    const size_t slot_elems = slot_down_ + static_cast<size_t>(L.down.n) * L.down.k;
+    for (size_t& off : off_slot_) off = arena_.reserve(slot_elems * e);
+  }
   mem_.activations = static_cast<int64_t>(arena_.size()) - mem_.weights - mem_.kv_cache;
   mem_.library = static_cast<int64_t>(CublasLt::kDefaultWorkspace) + kRuntimeReserve;
 
@@ -398,8 +433,11 @@ void CudaModelImpl::randomize(uint64_t seed) {
   }
 }
 
-void CudaModelImpl::linear(const DeviceLinear& w, const bf16* x, bf16* y, int m, Accumulate mode) {
-  if (w.fmt.int4) {
+void CudaModelImpl::linear(const DeviceLinear& w, const bf16* dense, const bf16* x, bf16* y, int m,
+                           Accumulate mode) {
+  if (dense != nullptr) {
+    cuda::gemm(*lt_, {y, x, dense, m, w.n, w.k, Transpose::No, Transpose::Yes, GemmOut::BF16, mode}, stream_.get());
+  } else if (w.fmt.int4) {
     cuda::int4_gemm_forward({y, x, w.q, m, mode}, stream_.get());
   } else {
     cuda::gemm(*lt_, {y, x, w.w, m, w.n, w.k, Transpose::No, Transpose::Yes, GemmOut::BF16, mode}, stream_.get());
@@ -415,9 +453,24 @@ void CudaModelImpl::enqueue_layers(int batch, int len, const int32_t* tok, const
   const int64_t kv_head_stride = static_cast<int64_t>(ctx_) * c.head_dim;
   const int64_t kv_batch_stride = c.n_kv_heads * kv_head_stride;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  for (Layer& L : layers_) {
+  // Decode steps (len 1, also those captured in a graph) never take the dequantized path.
+  const bool dq = dequant_prefill_ && len > 1 && n >= kDequantRows;
+  if (dq) {  // the slots are free once everything enqueued before this step has run
+    CUDA_CHECK(cudaEventRecord(dq_start_.get(), s));
+    CUDA_CHECK(cudaStreamWaitEvent(dq_stream_.get(), dq_start_.get()));
+    stage_dequant(0);
+  }
+  for (int l = 0; l < c.n_layers; ++l) {
+    Layer& L = layers_[l];
+    const bf16* slot = nullptr;
+    if (dq) {
+      if (l + 1 < c.n_layers) stage_dequant(l + 1);  // overlaps this layer's work
+      CUDA_CHECK(cudaStreamWaitEvent(s, slot_ready_[l % 2].get()));
+      slot = slot_[l % 2];
+    }
+    auto dense = [&](const DeviceLinear& d, size_t off) { return slot != nullptr && d.fmt.int4 ? slot + off : nullptr; };
     cuda::rmsnorm_forward({h_, x_, nullptr, L.attn_norm.w, nullptr, n, c.dim, c.norm_eps}, s);
-    linear(L.qkv, h_, qkv_, n, Accumulate::Overwrite);
+    linear(L.qkv, dense(L.qkv, slot_qkv_), h_, qkv_, n, Accumulate::Overwrite);
     qkv_rope_cache_forward({q_, L.k_cache, L.v_cache, qkv_, pos, inv_freq_, n, len, c.n_heads, c.n_kv_heads,
                             c.head_dim, ctx_},
                            s);
@@ -431,13 +484,28 @@ void CudaModelImpl::enqueue_layers(int batch, int len, const int32_t* tok, const
     } else {
       cuda::attention_forward(a, s);
     }
-    linear(L.wo, attn_, x_, n, Accumulate::Add);
+    linear(L.wo, dense(L.wo, slot_wo_), attn_, x_, n, Accumulate::Add);
     cuda::rmsnorm_forward({h_, x_, nullptr, L.ffn_norm.w, nullptr, n, c.dim, c.norm_eps}, s);
-    linear(L.gate_up, h_, gu_, n, Accumulate::Overwrite);
+    linear(L.gate_up, dense(L.gate_up, slot_gate_up_), h_, gu_, n, Accumulate::Overwrite);
     cuda::swiglu_forward({act_, gu_, gu_ + ffn_pad_, n, ffn_pad_, 2 * static_cast<int64_t>(ffn_pad_)}, s);
-    linear(L.down, act_, x_, n, Accumulate::Add);
+    linear(L.down, dense(L.down, slot_down_), act_, x_, n, Accumulate::Add);
+    if (dq) CUDA_CHECK(cudaEventRecord(slot_free_[l % 2].get(), s));
   }
   cuda::rmsnorm_forward({h_, x_, nullptr, norm_.w, nullptr, n, c.dim, c.norm_eps}, s);
+}
+
+void CudaModelImpl::stage_dequant(int l) {
+  const cudaStream_t d = dq_stream_.get();
+  const int slot = l % 2;
+  // layer l - 2 read this slot; the wait is on its last record (layers 0 and 1: dq_start_ covered it)
+  if (l >= 2) CUDA_CHECK(cudaStreamWaitEvent(d, slot_free_[slot].get()));
+  const Layer& L = layers_[l];
+  const std::pair<const DeviceLinear*, size_t> parts[] = {
+      {&L.qkv, slot_qkv_}, {&L.wo, slot_wo_}, {&L.gate_up, slot_gate_up_}, {&L.down, slot_down_}};
+  for (const auto& [w, off] : parts) {
+    if (w->fmt.int4) cuda::int4_dequantize({slot_[slot] + off, w->q}, d);
+  }
+  CUDA_CHECK(cudaEventRecord(slot_ready_[slot].get(), d));
 }
 
 void CudaModelImpl::lm_head(const bf16* h, int m) {
