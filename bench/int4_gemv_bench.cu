@@ -6,9 +6,12 @@
 //  3. each shape alone at m = 1, 4, 8, 16 (32 launches over the 32 layers' weights, so L2 holds none of them);
 //  4. prefill m = 512: the int4 GEMM forward and backward against cuBLASLt bf16 (kernels/gemm.h).
 // Times are medians of event-timed graph replays after warm-up.
+// Flags: --no-prefill skips 4; --profile runs each shape once at m = 1 and 16 without graphs and stops (for a
+// profiler's kernel filter), after the copy measurement.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -117,7 +120,18 @@ double weight_bytes(const Shape& s) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  bool prefill = true, profile = false;
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--no-prefill") == 0) {
+      prefill = false;
+    } else if (std::strcmp(argv[i], "--profile") == 0) {
+      profile = true;
+    } else {
+      std::fprintf(stderr, "int4_gemv_bench: unknown flag %s (--no-prefill, --profile)\n", argv[i]);
+      return 2;
+    }
+  }
   try {
     cudaDeviceProp prop{};
     CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -160,6 +174,15 @@ int main() {
     fill_bf16(y, act, 8, -1.0f, 1.0f);
     CUDA_CHECK(cudaDeviceSynchronize());
 
+    if (profile) {
+      for (int m : {1, 16}) {
+        for (int s = 0; s < 4; ++s) cuda::int4_gemm_forward({y, x, layers[1].w[s], m, Accumulate::Overwrite}, stream);
+      }
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      std::printf("profile launches done\n");
+      return 0;
+    }
+
     // 2. the decode step's linears
     double chain_bytes = 0.0;
     for (const Shape& s : kShapes) chain_bytes += kLayers * (weight_bytes(s) + 2.0 * (s.k + s.n));
@@ -200,7 +223,7 @@ int main() {
       float int4_fwd_us, cublas_fwd_us, int4_bwd_us, cublas_bwd_us;
     };
     std::vector<GemmRow> grows;
-    for (int s = 0; s < 4; ++s) {
+    for (int s = 0; s < (prefill ? 4 : 0); ++s) {
       const Shape& sh = kShapes[s];
       auto* wb = static_cast<bf16*>(dalloc(static_cast<size_t>(sh.n) * sh.k * 2));
       fill_bf16(wb, static_cast<size_t>(sh.n) * sh.k, 900 + s, -0.05f, 0.05f);
@@ -240,7 +263,7 @@ int main() {
     std::printf("\n== prefill m = %d: int4 GEMM vs cuBLASLt bf16 ==\n", kPrefill);
     std::printf("%-8s %9s %7s %9s %7s %6s | %9s %7s %9s %7s %6s\n", "shape", "int4 us", "TF/s", "cublas us", "TF/s",
                 "ratio", "bwd int4", "TF/s", "bwd cubl", "TF/s", "ratio");
-    for (int s = 0; s < 4; ++s) {
+    for (size_t s = 0; s < grows.size(); ++s) {
       const GemmRow& g = grows[s];
       const double flop = 2.0 * kPrefill * kShapes[s].n * kShapes[s].k;
       auto tf = [&](float us) { return flop / (us * 1e-6) / 1e12; };

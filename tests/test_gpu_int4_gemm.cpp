@@ -228,6 +228,17 @@ TEST_CASE("int4 GEMV over long rows: several load batches per warp, a partial la
   }
 }
 
+TEST_CASE("int4 GEMV with more row tiles than resident blocks: several tiles a block, idle warps on short rows") {
+  // 769 tiles of 16 rows (the last one partial) against ~2 blocks per SM: every block walks several tiles
+  check_case({1, 12290, 4096, 128, Int4Symmetry::Symmetric, ScaleType::BF16, false, Accumulate::Overwrite});
+  check_case({4, 9000, 1024, 32, Int4Symmetry::Asymmetric, ScaleType::FP16, false, Accumulate::Add});
+  // k = 352: 3 chunks of 128 columns, so most warps of a block have no chunk but still meet at every tile
+  check_case({1, 30000, 352, 32, Int4Symmetry::Asymmetric, ScaleType::BF16, false, Accumulate::Add});
+  check_case({11, 6000, 352, 352, Int4Symmetry::Symmetric, ScaleType::FP16, false, Accumulate::Overwrite});
+  // x too large for shared memory (m = 16, k = 8192): read through L1 instead
+  check_case({16, 5000, 8192, 64, Int4Symmetry::Symmetric, ScaleType::BF16, false, Accumulate::Add});
+}
+
 TEST_CASE("int4 CUDA launchers reject bad arguments with the offending value") {
   std::vector<float> w = normal(96 * 128, 0.0f, 0.05f);
   const Int4HostWeight q = int4_quantize(w.data(), 96, 128, 32, Int4Symmetry::Symmetric, ScaleType::BF16);
