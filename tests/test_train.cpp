@@ -1,13 +1,24 @@
 // qkd-train's loop (train/trainer.h) on the CPU backend: distillation lowers the KD loss, the frozen layers keep
 // their bits, a resumed run repeats the uninterrupted trajectory exactly, non-finite steps are skipped and then
-// abort, and bad settings fail before any work. The real-teacher cases use ../shared's teacher-25m.
+// abort, and bad settings fail before any work. The qkd-train binary itself: Ctrl-C (a real SIGINT) saves a
+// checkpoint that --resume continues, and --config JSON with flag overrides. The real-teacher cases use
+// ../shared's teacher-25m.
 #include <atomic>
 #include <cmath>
+#include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <doctest/doctest.h>
 #include <fmt/format.h>
@@ -69,6 +80,75 @@ std::string error_of(const std::function<void()>& f) {
     return e.what();
   }
   return "";
+}
+
+// A finished run of build/bin/qkd-train.
+struct BinRun {
+  int code = -1;  // the exit status, or -1 when it did not exit normally
+  std::string out, err;
+};
+
+// Runs build/bin/qkd-train with `args` (no shell), stdin from /dev/null, stdout and stderr captured through pipes.
+// `watch` sees the process id and the stderr text so far each time more of it arrives.
+BinRun run_qkd_train(const std::vector<std::string>& args,
+                     const std::function<void(pid_t, const std::string&)>& watch = {}) {
+  const std::string bin = test::bin_dir() + "/qkd-train";
+  REQUIRE_MESSAGE(fs::exists(bin), bin, " is missing (build the qkd-train target)");
+  std::vector<std::string> a = args;
+  a.insert(a.begin(), bin);
+  std::vector<char*> argv;
+  for (std::string& x : a) argv.push_back(x.data());
+  argv.push_back(nullptr);
+  int out_pipe[2], err_pipe[2];
+  REQUIRE(pipe(out_pipe) == 0);
+  REQUIRE(pipe(err_pipe) == 0);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    const int devnull = open("/dev/null", O_RDONLY);
+    dup2(devnull, 0);
+    dup2(out_pipe[1], 1);
+    dup2(err_pipe[1], 2);
+    for (int fd : {devnull, out_pipe[0], out_pipe[1], err_pipe[0], err_pipe[1]}) close(fd);
+    execv(bin.c_str(), argv.data());
+    _exit(127);
+  }
+  close(out_pipe[1]);
+  close(err_pipe[1]);
+  BinRun r;
+  pollfd fds[2] = {{out_pipe[0], POLLIN, 0}, {err_pipe[0], POLLIN, 0}};
+  std::string* text[2] = {&r.out, &r.err};
+  char buf[4096];
+  while (fds[0].fd >= 0 || fds[1].fd >= 0) {
+    if (poll(fds, 2, -1) < 0) continue;  // EINTR
+    for (int i = 0; i < 2; ++i) {
+      if (fds[i].fd < 0 || fds[i].revents == 0) continue;
+      const ssize_t n = read(fds[i].fd, buf, sizeof buf);
+      if (n <= 0) {
+        close(fds[i].fd);
+        fds[i].fd = -1;  // poll ignores negative descriptors
+        continue;
+      }
+      text[i]->append(buf, static_cast<size_t>(n));
+      if (i == 1 && watch) watch(pid, r.err);
+    }
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// The cheapest real run of teacher-25m on the CPU: one sequence of 4 tokens a step.
+std::vector<std::string> tiny_run_flags(const std::string& out, int steps) {
+  return {"--teacher", test::shared_data() + "/models/teacher-25m", "--data", test::fixtures_dir() + "/hf/eval.txt",
+          "--backend", "cpu", "--seq-len", "4", "--batch", "1", "--steps", std::to_string(steps), "--eval-every", "0",
+          "--eval-windows", "1", "--save-every", "0", "--no-progress", "--out", out};
+}
+
+TrainState load_checkpoint(const std::string& out) {
+  const std::string p = checkpoint_path(out);
+  return load_train_state(p, SafetensorsFile::open(p)->get("master").numel());
 }
 
 }  // namespace
@@ -282,4 +362,110 @@ TEST_CASE("--teacher-data: distillation on sequences sampled from the teacher") 
   CHECK(windows);
   CHECK(std::isfinite(r.val_ppl));
   CHECK(r.val_ppl > 1.0);
+}
+
+TEST_CASE("qkd-train: Ctrl-C (a real SIGINT) saves a checkpoint, exits 130, and --resume continues from it") {
+  QKD_REQUIRE_SHARED_DATA();
+  test::TempDir tmp("train-sigint");
+  const std::string out = tmp / "out";
+  const std::string ckpt = checkpoint_path(out);
+  std::vector<std::string> flags = tiny_run_flags(out, 4);  // a progress line after every step
+  bool sent = false;
+  const BinRun a = run_qkd_train(flags, [&](pid_t pid, const std::string& err) {
+    if (!sent && err.find("qkd-train: step 1/4 ") != std::string::npos) {
+      REQUIRE(kill(pid, SIGINT) == 0);  // mid-run: step 2 has begun
+      sent = true;
+    }
+  });
+  INFO("stderr of the interrupted run:\n", a.err);
+  REQUIRE(sent);
+  CHECK(a.code == 130);
+  CHECK(a.out.empty());  // no model path: nothing was exported
+  CHECK_FALSE(fs::exists(out + "/model"));
+  const std::string said = "qkd-train: stopped at step ";
+  const size_t at = a.err.find(said);
+  REQUIRE(at != std::string::npos);
+  const int k = std::atoi(a.err.c_str() + at + said.size());
+  CHECK(k >= 1);
+  CHECK(k < 4);
+  CHECK(a.err.find(fmt::format("stopped at step {}; the checkpoint is {}; continue with --resume", k, ckpt)) !=
+        std::string::npos);
+  const TrainState st = load_checkpoint(out);
+  CHECK(st.step == k);
+  CHECK(st.adam_step == k);
+  CHECK(read_metrics(out + "/metrics.jsonl").size() == static_cast<size_t>(k));
+
+  flags.push_back("--resume");
+  const BinRun b = run_qkd_train(flags);
+  INFO("stderr of the resumed run:\n", b.err);
+  CHECK(b.code == 0);
+  CHECK(b.err.find(fmt::format("qkd-train: resuming {} at step {}", ckpt, k)) != std::string::npos);
+  CHECK(b.err.find(fmt::format("qkd-train: step {}/4 ", k)) == std::string::npos);  // the done steps are not redone
+  CHECK(b.err.find(fmt::format("qkd-train: step {}/4 ", k + 1)) != std::string::npos);
+  CHECK(b.out == out + "/model\n");
+  CHECK(is_int4_checkpoint(out + "/model"));
+  CHECK(load_checkpoint(out).step == 4);
+  std::vector<int64_t> steps;
+  for (const auto& j : read_metrics(out + "/metrics.jsonl"))
+    if (j["type"] == "train") steps.push_back(j["step"].get<int64_t>());
+  CHECK(steps == std::vector<int64_t>{1, 2, 3, 4});  // each step once, the interrupted run's and the resumed run's
+}
+
+TEST_CASE("qkd-train --config: the run uses the JSON's settings and a flag overrides one; bad keys fail first") {
+  QKD_REQUIRE_SHARED_DATA();
+  test::TempDir tmp("train-config");
+  const std::string out = tmp / "out";
+  const nlohmann::json cfg = {
+      {"teacher", test::shared_data() + "/models/teacher-25m"},
+      {"data", nlohmann::json::array({test::fixtures_dir() + "/hf/eval.txt"})},  // a list may be a JSON array
+      {"backend", "cpu"},
+      {"out", out},
+      {"seq_len", 5},
+      {"batch", 1},
+      {"steps", 3},
+      {"lr", 3e-5},
+      {"seed", 7},
+      {"val_fraction", 0.2},
+      {"eval_every", 0},
+      {"eval_windows", 1},
+      {"save_every", 0},
+      {"progress", false},
+  };
+  const std::string path = tmp.write("settings.json", cfg.dump(2));
+  // The flag comes before --config and still wins: the file is read first, wherever --config appears.
+  const BinRun r = run_qkd_train({"--steps", "1", "--config", path});
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(r.err.find("validation windows of 5 tokens") != std::string::npos);
+  std::vector<nlohmann::json> train;
+  for (const auto& j : read_metrics(out + "/metrics.jsonl"))
+    if (j["type"] == "train") train.push_back(j);
+  CHECK(train.size() == 1);  // --steps 1, not the file's 3
+  const auto used = nlohmann::json::parse(load_checkpoint(out).config_json);
+  CHECK(used["steps"] == 1);
+  CHECK(used["seq_len"] == 5);
+  CHECK(used["batch"] == 1);
+  CHECK(used["seed"] == 7);
+  CHECK(used["lr"].get<float>() == 3e-5f);
+  CHECK(used["val_fraction"].get<float>() == 0.2f);
+  CHECK(used["data"] == test::fixtures_dir() + "/hf/eval.txt");
+
+  // An unknown key and a value of the wrong type: exit 1, one line naming the file and the key, and no output
+  // directory (the file's own "out").
+  const std::string bad_out = tmp / "never";
+  for (const auto& [name, extra, want] :
+       {std::tuple{"unknown.json", nlohmann::json{{"colour", "red"}}, std::string("unknown key \"colour\"")},
+        std::tuple{"type.json", nlohmann::json{{"batch", "two"}},
+                   std::string("key \"batch\" must be an integer, got \"two\"")}}) {
+    nlohmann::json j = cfg;
+    j["out"] = bad_out;
+    j.update(extra);
+    const std::string bad = tmp.write(name, j.dump());
+    const BinRun e = run_qkd_train({"--config", bad});
+    INFO(e.err);
+    CHECK(e.code == 1);
+    CHECK(e.err == fmt::format("qkd-train: error: {}: {}\n", bad, want));
+    CHECK(e.out.empty());
+    CHECK_FALSE(fs::exists(bad_out));
+  }
 }

@@ -98,6 +98,18 @@ std::vector<int32_t> gather(const Windows& w, const std::vector<int64_t>& idx) {
   return out;
 }
 
+// The student's starting model with its tokenizer, loaded once. When that fails, the errors keep their order:
+// the weights' own (found by loading them alone), then the quantization settings against their shape (a group
+// size that does not divide a layer), and only then the bundle's (no tokenizer beside the weights, say).
+ModelBundle load_student_init(const std::string& path, const QuantSpec& qs) {
+  try {
+    return load_bundle(path);
+  } catch (const Error&) {
+    make_plan(load_model(path).config, qs);
+    throw;
+  }
+}
+
 }  // namespace
 
 TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
@@ -115,19 +127,15 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
     }
   };
 
-  // Models: loading maps the files, so it is cheap; every shape check happens before the engine allocates.
+  // Models, each loaded once (the teacher doubles as the student's start unless --init names another model).
   const std::string init_path = cfg.init.empty() ? cfg.teacher : cfg.init;
-  // The quantization settings against the model's shape first (a group size that does not divide a layer is a
-  // settings error, reported before anything else is read).
-  make_plan(load_model(init_path).config, quant_spec(cfg));
-  ModelBundle teacher;
-  if (distill) teacher = load_bundle(cfg.teacher);
-  ModelBundle init_bundle;
-  const bool init_is_teacher = distill && (cfg.init.empty() || cfg.init == cfg.teacher);
-  if (!init_is_teacher) init_bundle = load_bundle(init_path);
-  const ModelBundle& init = init_is_teacher ? teacher : init_bundle;
+  const bool init_is_teacher = distill && init_path == cfg.teacher;
   const QuantSpec qs = quant_spec(cfg);
+  const ModelBundle init = load_student_init(init_path, qs);
   const Plan plan = make_plan(init.weights.config, qs);
+  ModelBundle teacher_bundle;
+  if (distill && !init_is_teacher) teacher_bundle = load_bundle(cfg.teacher);
+  const ModelBundle& teacher = init_is_teacher ? init : teacher_bundle;
   ModelWeights scales_from;
   if (!cfg.init_scales.empty()) {
     QKD_CHECK(is_int4_checkpoint(cfg.init_scales), "--init-scales {}: not a qkd int4 checkpoint", cfg.init_scales);
