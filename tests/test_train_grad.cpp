@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/error.h"
 #include "kernels/fake_quant.h"
 #include "loader/hf_checkpoint.h"
 #include "loader/safetensors.h"
@@ -172,4 +173,44 @@ TEST_CASE("QAT student: int4 g32 LSQ scales, clip factors, frozen o/v: gradients
   q.clip = true;
   q.frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
   compare_case("qat", q);
+}
+
+TEST_CASE("evaluate: a count that is not a multiple of the micro-batch pads inside and counts only real rows") {
+  // the dense student of the fixture, micro-batch = the fixture's batch; one window evaluated alone must give,
+  // per row, what the same window gives when it fills the whole micro-batch
+  const Fixture fx = load_fixture();
+  REQUIRE(fx.batch >= 2);
+  const ModelWeights student = load_hf_checkpoint(fixture_dir() + "/student");
+  const ModelWeights teacher = load_hf_checkpoint(fixture_dir() + "/teacher");
+  QuantSpec q;
+  q.bits = kDenseBits;
+  q.frozen = 0;
+  const Plan plan = make_plan(student.config, q);
+  EngineOptions eo;
+  eo.backend = kBackend;
+  eo.micro_batch = fx.batch;
+  eo.seq_len = fx.seq;
+  eo.loss.ce_weight = 1.0f;
+  eo.loss.kd_weight = 1.0f;
+  auto engine = make_engine(eo, plan, init_parameters(plan, student, nullptr), &teacher);
+  const size_t w = static_cast<size_t>(fx.seq) + 1;
+  const std::vector<int32_t> one(fx.windows.begin() + static_cast<std::ptrdiff_t>(w),
+                                 fx.windows.begin() + static_cast<std::ptrdiff_t>(2 * w));  // window 1
+  std::vector<int32_t> filled;
+  for (int b = 0; b < fx.batch; ++b) filled.insert(filled.end(), one.begin(), one.end());
+  const LossSums alone = engine->evaluate(one.data(), 1);
+  const LossSums full = engine->evaluate(filled.data(), fx.batch);
+  CHECK(alone.rows == fx.seq);
+  CHECK(full.rows == int64_t{fx.batch} * fx.seq);
+  CHECK(alone.ce / alone.rows == doctest::Approx(full.ce / full.rows).epsilon(1e-5));
+  CHECK(alone.kl / alone.rows == doctest::Approx(full.kl / full.rows).epsilon(1e-4));
+  // batch + 1 windows: one whole micro-batch and a padded one, equal to the sum of their parts
+  std::vector<int32_t> more(fx.windows.begin(), fx.windows.end());
+  more.insert(more.end(), one.begin(), one.end());
+  const LossSums both = engine->evaluate(more.data(), fx.batch + 1);
+  const LossSums first = engine->evaluate(fx.windows.data(), fx.batch);
+  CHECK(both.rows == first.rows + alone.rows);
+  CHECK(both.ce == doctest::Approx(first.ce + alone.ce).epsilon(1e-5));
+  engine->begin_step(fx.seq);
+  CHECK_THROWS_AS(engine->accumulate(one.data(), 1), qkd::Error);  // training keeps whole micro-batches
 }

@@ -319,8 +319,10 @@ class EngineImpl final : public Engine {
   LossSums run(const int32_t* windows, int n_seqs, bool train) {
     const ModelConfig& c = plan_.config;
     const int mb = opt_.micro_batch, s = opt_.seq_len, n = mb * s, vocab = c.vocab_size;
-    QKD_CHECK(n_seqs > 0 && n_seqs % mb == 0, "{} sequences are not a positive multiple of the micro-batch {}",
-              n_seqs, mb);
+    // Training steps come in whole micro-batches; evaluation takes any count and pads its last micro-batch with
+    // copies of its last window, whose rows are left out of the sums.
+    QKD_CHECK(n_seqs > 0 && (!train || n_seqs % mb == 0), "{} sequences are not a positive multiple of the "
+              "micro-batch {}", n_seqs, mb);
     const LossOptions& L = opt_.loss;
     const bool kd = teacher_ != nullptr && (L.kd_weight > 0.0f || !train);
     const bool ctr = teacher_ != nullptr && L.contrastive_weight > 0.0f;
@@ -329,8 +331,9 @@ class EngineImpl final : public Engine {
     std::vector<int32_t> inputs(static_cast<size_t>(n)), targets(static_cast<size_t>(n));
     std::vector<acc_t<T>> ce(static_cast<size_t>(n)), kl(static_cast<size_t>(n)), cl(static_cast<size_t>(n));
     for (int b0 = 0; b0 < n_seqs; b0 += mb) {
+      const int real = std::min(mb, n_seqs - b0);
       for (int b = 0; b < mb; ++b) {
-        const int32_t* w = windows + static_cast<int64_t>(b0 + b) * (s + 1);
+        const int32_t* w = windows + static_cast<int64_t>(b0 + std::min(b, real - 1)) * (s + 1);
         std::copy(w, w + s, inputs.begin() + int64_t{b} * s);
         std::copy(w + 1, w + s + 1, targets.begin() + int64_t{b} * s);
       }
@@ -376,12 +379,13 @@ class EngineImpl final : public Engine {
       ops_.download(ce.data(), ce_, n);
       if (kd) ops_.download(kl.data(), kl_, n);
       if (ctr) ops_.download(cl.data(), ctr_, n);
-      for (int i = 0; i < n; ++i) {
+      const int valid = real * s;  // the padding rows of a last evaluation micro-batch count for nothing
+      for (int i = 0; i < valid; ++i) {
         if (targets[static_cast<size_t>(i)] >= 0) sums.ce += ce[static_cast<size_t>(i)];
         if (kd) sums.kl += kl[static_cast<size_t>(i)];
         if (ctr) sums.contrastive += cl[static_cast<size_t>(i)];
       }
-      sums.rows += n;
+      sums.rows += valid;
     }
     return sums;
   }

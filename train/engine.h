@@ -81,7 +81,8 @@ class Engine {
   virtual float* device_gradients() { return nullptr; }
   virtual cudaStream_t cuda_stream() { return nullptr; }
   virtual void apply(const AdamWStep& s) = 0;
-  // Validation: losses (no gradients) of the current weights, same loss definitions, unweighted sums.
+  // Validation: losses (no gradients) of the current weights, same loss definitions, unweighted sums. Any positive
+  // n_seqs: a last partial micro-batch is padded inside and its padding rows are left out of the sums.
   virtual LossSums evaluate(const int32_t* windows, int n_seqs) = 0;
 
   // Optimizer state as host copies (the checkpoint), and back.

@@ -222,8 +222,8 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
   };
   auto validate_now = [&](int64_t step) {
     if (val_w.count() == 0) return;
-    const int64_t nw = std::min<int64_t>(val_w.count(), cfg.eval_windows) / cfg.micro_batch * cfg.micro_batch;
-    if (nw == 0) return;
+    // every window up to --eval-windows, also when fewer than a micro-batch (the engine pads the last one)
+    const int64_t nw = std::min<int64_t>(val_w.count(), cfg.eval_windows);
     std::vector<int64_t> idx(static_cast<size_t>(nw));
     for (int64_t i = 0; i < nw; ++i) idx[static_cast<size_t>(i)] = i;
     const std::vector<int32_t> win = gather(val_w, idx);
