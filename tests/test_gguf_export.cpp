@@ -38,25 +38,8 @@ namespace {
 
 std::string fixture(const std::string& rel) { return qkd::test::fixtures_dir() + "/" + rel; }
 
+using qkd::test::error_of;
 using qkd::test::TempDir;
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const qkd::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define CHECK_ERROR_CONTAINS(expr, ...)                                                  \
-  do {                                                                                   \
-    const std::string msg_ = error_of([&] { (void)(expr); });                            \
-    INFO("error message: " << msg_);                                                     \
-    REQUIRE_FALSE(msg_.empty());                                                         \
-    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})               \
-      CHECK_MESSAGE(msg_.find(part_) != std::string::npos, "missing '" << part_ << "'"); \
-  } while (0)
 
 Int4Params g32(Int4Symmetry sym, qkd::Int4ModuleSet modules = qkd::kInt4LinearModules) {
   Int4Params p;

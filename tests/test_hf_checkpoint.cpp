@@ -23,17 +23,8 @@ using nlohmann::json;
 
 namespace {
 
+using qkd::test::error_of;
 using qkd::test::TempDir;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 struct Spec {
   int dim = 8, n_layers = 2, n_heads = 2, n_kv_heads = 1, head_dim = 4, ffn_dim = 12, vocab = 10;

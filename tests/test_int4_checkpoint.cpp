@@ -45,27 +45,10 @@ std::string tiny_hf() { return qkd::test::fixtures_dir() + "/hf/tiny-llama"; }
 std::string tiny_gguf(const char* name) { return qkd::test::fixtures_dir() + "/gguf/" + name; }
 
 // A fresh directory under the system temp dir, removed at scope exit.
+using qkd::test::error_of;
 using qkd::test::TempDir;
 
 // The message of the qkd::Error that f throws ("" when it throws none).
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const qkd::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-#define CHECK_ERROR_CONTAINS(expr, ...)                                                  \
-  do {                                                                                   \
-    const std::string msg_ = error_of([&] { (void)(expr); });                            \
-    INFO("error message: " << msg_);                                                     \
-    REQUIRE_FALSE(msg_.empty());                                                         \
-    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})               \
-      CHECK_MESSAGE(msg_.find(part_) != std::string::npos, "missing '" << part_ << "'"); \
-  } while (0)
-
 std::vector<const TensorView*> all_views(const ModelWeights& w) {
   std::vector<const TensorView*> v{&w.tok_embeddings};
   for (const qkd::LayerWeights& l : w.layers)

@@ -18,17 +18,8 @@ using namespace qkd;
 
 namespace {
 
+using qkd::test::error_of;
 using qkd::test::TempDir;
-
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 struct Dims {
   int dim = 16, hidden = 24, layers = 2, heads = 4, kv_heads = 2, vocab = 11, seq = 6;

@@ -27,6 +27,8 @@
 
 namespace {
 
+using qkd::test::error_of;
+
 using Ids = std::vector<int32_t>;
 
 std::string shared(const std::string& rel) { return qkd::test::shared_data() + "/" + rel; }
@@ -162,15 +164,6 @@ struct TempFile {
   }
   ~TempFile() { std::filesystem::remove(path); }
 };
-
-std::string error_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const qkd::Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 }  // namespace
 

@@ -8,6 +8,9 @@
 #include <fstream>
 #include <string>
 #include <system_error>
+#include <vector>
+
+#include "kernels/error.h"
 
 namespace qkd::test {
 
@@ -47,7 +50,29 @@ struct TempDir {
   }
 };
 
+// The message of the qkd::Error that f throws, or "" when it throws none. Any other exception propagates and fails
+// the test: bad input has to surface as a qkd::Error.
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const ::qkd::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
 }  // namespace qkd::test
+
+// Checks that expr throws a qkd::Error whose message contains every one of the given strings.
+#define CHECK_ERROR_CONTAINS(expr, ...)                                                  \
+  do {                                                                                   \
+    const std::string msg_ = ::qkd::test::error_of([&] { (void)(expr); });              \
+    INFO("error message: " << msg_);                                                     \
+    REQUIRE_FALSE(msg_.empty());                                                         \
+    for (const std::string& part_ : std::vector<std::string>{__VA_ARGS__})               \
+      CHECK_MESSAGE(msg_.find(part_) != std::string::npos, "missing '" << part_ << "'"); \
+  } while (0)
 
 // Inside a TEST_CASE: returns early (with a message in the report) when ../shared/data is absent.
 #define QKD_REQUIRE_SHARED_DATA()                                                              \
