@@ -30,7 +30,9 @@
 #include "loader/int4_checkpoint.h"
 #include "loader/safetensors.h"
 #include "test_util.h"
+#include "runtime/model.h"
 #include "train/checkpoint.h"
+#include "train/data.h"
 #include "train/trainer.h"
 
 namespace {
@@ -337,6 +339,36 @@ TEST_CASE("a non-finite loss skips the step; too many in a row abort and keep th
   int skipped = 0;
   for (const auto& j : m) skipped += j.value("skipped", false) ? 1 : 0;
   CHECK(skipped == 4);
+}
+
+TEST_CASE("sample_from_teacher: BOS then seq_len tokens per window, deterministic, batched") {
+  // the tiny fixture teacher (no shared data needed): 5 sequences of 12 tokens, 2 at a time
+  const ModelWeights w = load_hf_checkpoint(test::fixtures_dir() + "/train/tiny-train/teacher");
+  runtime::ModelOptions mo;
+  mo.backend = runtime::BackendKind::Cpu;
+  mo.ctx = 13;
+  mo.max_batch = 2;
+  auto m = runtime::make_model(w, mo);
+  const Windows a = sample_from_teacher(*m, 1, 5, 12, 42);
+  REQUIRE(a.count() == 5);
+  CHECK(a.seq_len == 12);
+  for (int64_t i = 0; i < a.count(); ++i) {
+    CHECK(a.tokens[static_cast<size_t>(i) * 13] == 1);
+    for (int t = 0; t < 13; ++t) {
+      const int32_t id = a.tokens[static_cast<size_t>(i) * 13 + t];
+      CHECK((id >= 0 && id < w.config.vocab_size));
+    }
+  }
+  CHECK(sample_from_teacher(*m, 1, 5, 12, 42).tokens == a.tokens);  // the same seed, the same windows
+  CHECK(sample_from_teacher(*m, 1, 5, 12, 43).tokens != a.tokens);
+  // window i depends on seed + i alone: the windows from seed 43 are those from seed 42 shifted by one, as long as
+  // the batched products give the same logits for a row whatever the other rows (the CPU backend does)
+  const Windows b = sample_from_teacher(*m, 1, 4, 12, 43);
+  CHECK(std::vector<int32_t>(a.tokens.begin() + 13, a.tokens.end()) == b.tokens);
+  mo.ctx = 12;
+  auto short_ctx = runtime::make_model(w, mo);
+  CHECK(error_of([&] { sample_from_teacher(*short_ctx, 1, 2, 12, 1); }).find("do not fit the teacher's context 12") !=
+        std::string::npos);
 }
 
 TEST_CASE("--teacher-data: distillation on sequences sampled from the teacher") {

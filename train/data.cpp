@@ -62,26 +62,40 @@ Windows split_off_tail(Windows& w, float fraction) {
 }
 
 Windows sample_from_teacher(runtime::Model& teacher, int32_t bos, int n, int seq_len, uint64_t seed) {
+  QKD_CHECK(seq_len + 1 <= teacher.ctx(), "--teacher-data: windows of {} tokens do not fit the teacher's context {}",
+            seq_len + 1, teacher.ctx());
+  const int vocab = teacher.config().vocab_size;
   Windows w;
   w.seq_len = seq_len;
-  w.tokens.reserve(static_cast<size_t>(n) * (seq_len + 1));
-  for (int i = 0; i < n; ++i) {
-    runtime::SamplerParams sp;
-    sp.temperature = 1.0f;
-    sp.top_k = 0;
-    sp.top_p = 1.0f;
-    sp.seed = seed + static_cast<uint64_t>(i);
-    runtime::Sampler sampler(sp);
-    runtime::GenerateParams gp;
-    gp.max_new_tokens = seq_len;
-    const int32_t prompt[1] = {bos};
+  w.tokens.resize(static_cast<size_t>(n) * (seq_len + 1));
+  // Sequences advance together, max_batch() at a time, one decode step per token: batched products instead of one
+  // matrix-vector product per token. Sequence i has its own sampler (seed + i), so its tokens depend on i alone.
+  const int group = std::max(1, teacher.max_batch());
+  std::vector<float> logits;
+  for (int i0 = 0; i0 < n; i0 += group) {
+    const int b = std::min(group, n - i0);
+    std::vector<runtime::Sampler> samplers;
+    samplers.reserve(static_cast<size_t>(b));
+    for (int i = 0; i < b; ++i) {
+      runtime::SamplerParams sp;
+      sp.temperature = 1.0f;
+      sp.top_k = 0;
+      sp.top_p = 1.0f;
+      sp.seed = seed + static_cast<uint64_t>(i0 + i);
+      samplers.emplace_back(sp);
+    }
+    std::vector<int32_t> cur(static_cast<size_t>(b), bos), pos(static_cast<size_t>(b), 0);
+    logits.resize(static_cast<size_t>(b) * vocab);
     // No stop test: a sampled end-of-sequence token is data too, and every window needs seq_len tokens.
-    const runtime::GenerateResult r = runtime::generate(teacher, sampler, prompt, 0, gp, {}, {});
-    QKD_CHECK(static_cast<int>(r.tokens.size()) == seq_len,
-              "--teacher-data: the teacher produced {} of {} tokens (its context is {})", r.tokens.size(), seq_len,
-              teacher.ctx());
-    w.tokens.push_back(bos);
-    w.tokens.insert(w.tokens.end(), r.tokens.begin(), r.tokens.end());
+    for (int t = 0; t <= seq_len; ++t) {
+      for (int i = 0; i < b; ++i) w.tokens[static_cast<size_t>(i0 + i) * (seq_len + 1) + t] = cur[i];
+      if (t == seq_len) break;
+      teacher.forward(cur, b, 1, pos, runtime::LogitsMode::Last, logits.data());
+      for (int i = 0; i < b; ++i) {
+        cur[i] = samplers[i].sample({logits.data() + static_cast<size_t>(i) * vocab, static_cast<size_t>(vocab)});
+        pos[i] = t + 1;
+      }
+    }
   }
   return w;
 }

@@ -35,7 +35,8 @@ std::vector<int32_t> tokenize_files(const std::vector<std::string>& paths, const
 // Moves the last ceil(fraction * count) windows (at least one when fraction > 0 and count > 1) into a new set.
 Windows split_off_tail(Windows& w, float fraction);
 
-// n windows sampled from `teacher` (temperature 1, no top-k/top-p), each BOS then seq_len sampled tokens.
+// n windows sampled from `teacher` (temperature 1, no top-k/top-p), each BOS then seq_len sampled tokens; window i
+// from a sampler seeded seed + i. The teacher's max_batch() sequences are sampled together.
 Windows sample_from_teacher(runtime::Model& teacher, int32_t bos, int n, int seq_len, uint64_t seed);
 
 class StepOrder {

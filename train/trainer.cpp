@@ -161,6 +161,7 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
     runtime::ModelOptions mo;
     mo.backend = backend;
     mo.ctx = cfg.seq_len + 1;
+    mo.max_batch = std::clamp(cfg.teacher_data, 1, 64);  // sequences sampled together (train/data.h)
     auto tm = runtime::make_model(teacher.weights, mo);
     train_w = sample_from_teacher(*tm, tok.bos_id(), cfg.teacher_data, cfg.seq_len, cfg.seed);
   } else {
