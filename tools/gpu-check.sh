@@ -5,9 +5,10 @@
 # the options leave parts out.
 #
 #   tools/gpu-check.sh [--tests-only | --bench-only | --train-bench | --targets LIST] [--no-cpu-tests] [--no-peers]
-#                      [--memcheck] [--jobs N] [--budget SECONDS]
+#                      [--memcheck] [--sanitize] [--jobs N] [--budget SECONDS]
 # --budget skips the steps that would start after that many seconds (the build always runs); --memcheck runs
-# compute-sanitizer memcheck over two cases of test_gpu_model. --train-bench runs only the training-step
+# compute-sanitizer memcheck over two cases of test_gpu_model; --sanitize runs memcheck over every GPU test binary
+# (each cut at 60 s) and racecheck over the kernel tests, a line each in the table. --train-bench runs only the training-step
 # benchmark of issue 5 instead: it builds qkd-bench alone, runs qkd-bench --train on tinyllama-1.1b (batch 8 x
 # 1024), the PyTorch peer bench/train_peers.py (eager and torch.compile; --no-peers leaves it out) and
 # bench/compare_train.py (about 5 minutes with the build). --targets qkd-train,qkd-eval builds only those
@@ -21,7 +22,7 @@
 # files are filled in here). Shared test data: QKD_SHARED_DATA, or .carry/shared when it exists.
 set -u -o pipefail
 
-tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 train_bench=0 jobs=16 budget=0 only_targets=
+tests=1 bench=1 cpu_tests=1 peers=1 memcheck=0 sanitize=0 train_bench=0 jobs=16 budget=0 only_targets=
 while (($#)); do
   case "$1" in
     --tests-only) bench=0 ;;
@@ -31,9 +32,10 @@ while (($#)); do
     --no-cpu-tests) cpu_tests=0 ;;
     --no-peers) peers=0 ;;
     --memcheck) memcheck=1 ;;
+    --sanitize) sanitize=1 ;;
     --jobs) jobs="$2"; shift ;;
     --budget) budget="$2"; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu-check: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -132,6 +134,28 @@ if ((tests)); then
     timeout 240 compute-sanitizer --tool memcheck --leak-check no "$B/bin/test_gpu_model" \
       -tc='*random preset*,*decode graph*' >> "$LOG" 2>&1
     note "memcheck test_gpu_model (random preset, decode graph): rc=$? $(grep 'ERROR SUMMARY' "$LOG" | tail -1) ($((SECONDS - T0)) s)"
+  fi
+  if ((sanitize)); then
+    # every GPU test under memcheck (out-of-bounds and misaligned accesses, API errors), then the kernel tests
+    # under racecheck (shared-memory hazards); --error-exitcode makes a report fail the line
+    for t in $(ctest --test-dir "$B" -L gpu -N | sed -n 's/.*Test *#[0-9]*: *\(test_gpu_[a-z0-9_]*\).*/\1/p'); do
+      in_budget "memcheck $t" || break
+      T0=$SECONDS
+      QKD_REQUIRE_GPU=1 timeout 60 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+        "$B/bin/$t" > "$OUT/memcheck-$t.txt" 2>&1
+      note "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck-$t.txt" | tail -1) ($((SECONDS - T0)) s)"
+    done
+    for t in test_gpu_ops test_gpu_attention test_gpu_int4_gemm test_gpu_int4_dequant test_gpu_sampling \
+             test_gpu_backward test_gpu_train_ops; do
+      in_budget "racecheck $t" || break
+      T0=$SECONDS
+      QKD_REQUIRE_GPU=1 timeout 60 compute-sanitizer --tool racecheck --error-exitcode 99 "$B/bin/$t" \
+        > "$OUT/racecheck-$t.txt" 2>&1
+      note "racecheck $t: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck-$t.txt" | tail -1) ($((SECONDS - T0)) s)"
+    done
+    # at most 8 files come back from a device call: the per-test logs go into one archive
+    tar -C "$OUT" -czf "$OUT/sanitizers.tar.gz" $(cd "$OUT" && ls memcheck-*.txt racecheck-*.txt 2>/dev/null) &&
+      rm -f "$OUT"/memcheck-*.txt "$OUT"/racecheck-*.txt
   fi
   if ((cpu_tests)) && in_budget "ctest (cpu)"; then
     T0=$SECONDS
