@@ -63,14 +63,14 @@ std::vector<Slot> model_slots(const ModelConfig& c, ModelWeights* w) {
     LayerWeights& l = w->layers[static_cast<size_t>(i)];
     const std::string p = fmt::format("model.layers.{}.", i);
     s.push_back({p + "input_layernorm", kNorm, &l.attn_norm, {dim}});
-    s.push_back({p + "self_attn.q_proj", kind(Int4Module::Q), &l.wq, {q_rows, dim}});
-    s.push_back({p + "self_attn.k_proj", kind(Int4Module::K), &l.wk, {kv_rows, dim}});
-    s.push_back({p + "self_attn.v_proj", kind(Int4Module::V), &l.wv, {kv_rows, dim}});
-    s.push_back({p + "self_attn.o_proj", kind(Int4Module::O), &l.wo, {dim, q_rows}});
+    s.push_back({p + hf_linear_name(Int4Module::Q), kind(Int4Module::Q), &l.wq, {q_rows, dim}});
+    s.push_back({p + hf_linear_name(Int4Module::K), kind(Int4Module::K), &l.wk, {kv_rows, dim}});
+    s.push_back({p + hf_linear_name(Int4Module::V), kind(Int4Module::V), &l.wv, {kv_rows, dim}});
+    s.push_back({p + hf_linear_name(Int4Module::O), kind(Int4Module::O), &l.wo, {dim, q_rows}});
     s.push_back({p + "post_attention_layernorm", kNorm, &l.ffn_norm, {dim}});
-    s.push_back({p + "mlp.gate_proj", kind(Int4Module::Gate), &l.w_gate, {ffn, dim}});
-    s.push_back({p + "mlp.up_proj", kind(Int4Module::Up), &l.w_up, {ffn, dim}});
-    s.push_back({p + "mlp.down_proj", kind(Int4Module::Down), &l.w_down, {dim, ffn}});
+    s.push_back({p + hf_linear_name(Int4Module::Gate), kind(Int4Module::Gate), &l.w_gate, {ffn, dim}});
+    s.push_back({p + hf_linear_name(Int4Module::Up), kind(Int4Module::Up), &l.w_up, {ffn, dim}});
+    s.push_back({p + hf_linear_name(Int4Module::Down), kind(Int4Module::Down), &l.w_down, {dim, ffn}});
   }
   s.push_back({"model.norm", kNorm, &w->norm, {dim}});
   if (!c.tied_embeddings) s.push_back({"lm_head", kind(Int4Module::LmHead), &w->lm_head, {vocab, dim}});
@@ -340,6 +340,19 @@ double short_decimal(float x) { return std::stod(fmt::format("{}", x)); }
 const char* int4_module_name(Int4Module m) {
   const int i = static_cast<int>(m);
   return i >= 0 && i < kInt4ModuleCount ? kModuleNames[i] : "unknown";
+}
+
+const char* hf_linear_name(Int4Module m) {
+  switch (m) {
+    case Int4Module::Q: return "self_attn.q_proj";
+    case Int4Module::K: return "self_attn.k_proj";
+    case Int4Module::V: return "self_attn.v_proj";
+    case Int4Module::O: return "self_attn.o_proj";
+    case Int4Module::Gate: return "mlp.gate_proj";
+    case Int4Module::Up: return "mlp.up_proj";
+    case Int4Module::Down: return "mlp.down_proj";
+    default: return "unknown";
+  }
 }
 
 Int4ModuleSet parse_int4_modules(const std::string& list, const std::string& what) {

@@ -48,6 +48,9 @@ constexpr Int4ModuleSet int4_module_bit(Int4Module m) { return Int4ModuleSet{1} 
 constexpr Int4ModuleSet kInt4LinearModules = (Int4ModuleSet{1} << 7) - 1;  // q, k, v, o, gate, up, down
 
 const char* int4_module_name(Int4Module m);  // "q", ..., "embed", "lm_head"
+// A decoder layer's linear module as Hugging Face names it, "self_attn.q_proj" ... "mlp.down_proj" (the q..down
+// modules only; "unknown" for embed and lm_head, which sit outside the layers).
+const char* hf_linear_name(Int4Module m);
 // "q,k,v" -> set; throws naming `what` and the unknown or repeated name. The empty string is the empty set.
 Int4ModuleSet parse_int4_modules(const std::string& list, const std::string& what);
 std::string format_int4_modules(Int4ModuleSet s);

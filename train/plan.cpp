@@ -16,19 +16,6 @@ namespace {
 constexpr Int4Module kLinearModules[7] = {Int4Module::Q,    Int4Module::K,  Int4Module::V,   Int4Module::O,
                                           Int4Module::Gate, Int4Module::Up, Int4Module::Down};
 
-const char* hf_module_suffix(Int4Module m) {
-  switch (m) {
-    case Int4Module::Q: return "self_attn.q_proj";
-    case Int4Module::K: return "self_attn.k_proj";
-    case Int4Module::V: return "self_attn.v_proj";
-    case Int4Module::O: return "self_attn.o_proj";
-    case Int4Module::Gate: return "mlp.gate_proj";
-    case Int4Module::Up: return "mlp.up_proj";
-    case Int4Module::Down: return "mlp.down_proj";
-    default: return "?";
-  }
-}
-
 // [out, in] of a layer's linear module.
 std::pair<int, int> linear_shape(const ModelConfig& c, Int4Module m) {
   const int q_rows = c.n_heads * c.head_dim, kv_rows = c.n_kv_heads * c.head_dim;
@@ -63,7 +50,7 @@ TensorView& layer_view(LayerWeights& l, Int4Module m) {
 }  // namespace
 
 std::string linear_module_name(int layer, Int4Module m) {
-  return fmt::format("model.layers.{}.{}", layer, hf_module_suffix(m));
+  return fmt::format("model.layers.{}.{}", layer, hf_linear_name(m));
 }
 
 namespace {
