@@ -125,7 +125,7 @@ ModelConfig parse_hf_config(const std::string& json_text, const std::string& sou
   json j;
   try {
     j = json::parse(json_text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail("{}: not valid JSON: {}", source, e.what());
   }
   QKD_CHECK(j.is_object(), "{}: top level is a JSON {}, expected an object", source, j.type_name());
@@ -208,7 +208,7 @@ HfSafetensors HfSafetensors::open(const std::string& dir) {
   json index;
   try {
     index = json::parse(read_text_file(h.listing_));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     fail("{}: not valid JSON: {}", h.listing_, e.what());
   }
   auto wm = index.is_object() ? index.find("weight_map") : index.end();

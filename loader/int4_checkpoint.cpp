@@ -510,8 +510,14 @@ void write_int4_checkpoint(const std::string& out, const Int4Quantized& q, const
   if (::chmod(tmp.path.c_str(), 0755) != 0)
     fail("{}: chmod of {} failed: {}", out, tmp.path.string(), std::strerror(errno));
 
-  write_safetensors((tmp.path / kWeightsFile).string(), tensors, meta);
-  write_text_file(tmp.path / kConfigFile, config_json + "\n");
+  // A failed write (a full disk, say) names the checkpoint the user asked for, not only the temp folder; the
+  // temp folder is removed and an existing checkpoint at `out` is untouched.
+  try {
+    write_safetensors((tmp.path / kWeightsFile).string(), tensors, meta);
+    write_text_file(tmp.path / kConfigFile, config_json + "\n");
+  } catch (const Error& e) {
+    fail("{}: writing the checkpoint failed, nothing was replaced: {}", out, e.what());
+  }
   for (const std::string& f : companions) {
     const fs::path name = fs::path(f).filename();
     QKD_CHECK(name != kWeightsFile && name != kConfigFile && name != kGgufTokenizerFile && !fs::exists(tmp.path / name),

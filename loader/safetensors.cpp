@@ -128,7 +128,7 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& 
   nlohmann::json header;
   try {
     header = nlohmann::json::parse(text, text + header_len);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     fail("{}: header is not valid JSON: {}", path, e.what());
   }
   QKD_CHECK(header.is_object(), "{}: header is a JSON {}, expected an object", path, header.type_name());

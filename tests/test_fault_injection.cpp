@@ -1,20 +1,34 @@
-// Faults during the trainer's checkpoint writes: a process killed with SIGKILL at a random point of a write, many
+// Faults during the writes of files qkd makes: a process killed with SIGKILL at a random point of a write, many
 // times over, never leaves a checkpoint that fails to load, and what loads is always one complete checkpoint
-// (the previous one or the new one, never a mixture). loader/atomic_file.h makes this so: temp file, fsync,
-// rename.
+// (the previous one or the new one, never a mixture); a full disk makes the write fail with an error that names
+// the file and the reason, and leaves the previous file intact and no temp file behind. loader/atomic_file.h
+// makes this so: temp file, fsync, rename.
+//
+// The full disk is a file-size limit (RLIMIT_FSIZE) set in a forked child, with SIGXFSZ ignored: every write past
+// the limit fails with EFBIG, through the real writers, with no privileges and no mount (CI may run as any user).
+// ENOSPC takes the same path through AtomicFile::write (any errno fails the write and names it).
+#include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <random>
+#include <string>
 #include <thread>
+#include <vector>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include "kernels/error.h"
+#include "loader/int4_checkpoint.h"
+#include "loader/safetensors.h"
 #include "test_util.h"
+#include "tiny_model.h"
 #include "train/checkpoint.h"
 
 namespace {
@@ -34,6 +48,52 @@ TrainState state_with(float marker, int64_t step) {
   s.v.assign(static_cast<size_t>(kTotal), marker + 0.25f);
   return s;
 }
+
+// Runs fn in a forked child whose files may not grow past limit_bytes, as if the disk filled up there. Returns
+// the qkd::Error message fn threw, "<no error>" when it returned, or a description of how the child died.
+template <typename F>
+std::string error_with_file_size_limit(rlim_t limit_bytes, F&& fn) {
+  int pipe_fds[2];
+  REQUIRE(pipe(pipe_fds) == 0);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    close(pipe_fds[0]);
+    std::signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing the process
+    const rlimit lim{limit_bytes, limit_bytes};
+    if (setrlimit(RLIMIT_FSIZE, &lim) != 0) _exit(3);
+    std::string msg = "<no error>";
+    try {
+      fn();
+    } catch (const qkd::Error& e) {
+      msg = e.what();
+    } catch (const std::exception& e) {
+      msg = std::string("<not a qkd::Error> ") + e.what();
+    }
+    const ssize_t w = write(pipe_fds[1], msg.data(), msg.size());
+    _exit(w == static_cast<ssize_t>(msg.size()) ? 0 : 4);
+  }
+  close(pipe_fds[1]);
+  std::string msg;
+  char buf[512];
+  for (ssize_t r; (r = read(pipe_fds[0], buf, sizeof buf)) > 0;) msg.append(buf, static_cast<size_t>(r));
+  close(pipe_fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+    return fmt::format("<the child died: status {:#x}>", status);
+  return msg;
+}
+
+// The names in a directory (temp files start with '.').
+std::vector<std::string> listing(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+constexpr const char* kTooLarge = "File too large";  // strerror(EFBIG)
 
 }  // namespace
 
@@ -109,4 +169,89 @@ TEST_CASE("a write that cannot complete leaves the previous checkpoint in place"
   const TrainState s = load_train_state(path, kTotal);
   CHECK(s.step == (threw ? 1 : 2));
   CHECK(s.master.front() == (threw ? 1.0f : 2.0f));
+}
+
+TEST_CASE("a full disk during a checkpoint write: a clear error, the previous checkpoint intact, no temp file") {
+  test::TempDir tmp("fault-full");
+  const std::string path = checkpoint_path(tmp.str());
+  const std::string dir = std::filesystem::path(path).parent_path().string();
+  save_train_state(path, state_with(1.0f, 1));
+  const auto before = listing(dir);
+  // 12 MiB to write; the disk "fills up" after 1 MiB, then after 0 bytes (not even the header fits).
+  for (rlim_t limit : {rlim_t{1} << 20, rlim_t{0}}) {
+    CAPTURE(limit);
+    const std::string msg = error_with_file_size_limit(limit, [&] { save_train_state(path, state_with(2.0f, 2)); });
+    MESSAGE(msg);
+    CHECK(msg.find(path) != std::string::npos);      // names the file
+    CHECK(msg.find(kTooLarge) != std::string::npos);  // and says why
+    CHECK(listing(dir) == before);                    // no temp file left behind
+    const TrainState s = load_train_state(path, kTotal);
+    CHECK(s.step == 1);
+    bool intact = true;
+    for (int64_t i = 0; i < kTotal; i += 4099)
+      intact = intact && s.master[static_cast<size_t>(i)] == 1.0f && s.m[static_cast<size_t>(i)] == 1.5f &&
+               s.v[static_cast<size_t>(i)] == 1.25f;
+    CHECK(intact);
+  }
+  // Room again: the next save goes through.
+  save_train_state(path, state_with(3.0f, 3));
+  CHECK(load_train_state(path, kTotal).step == 3);
+}
+
+TEST_CASE("a full disk during a safetensors write: a clear error and no file, old or temp, changed") {
+  test::TempDir tmp("fault-full-st");
+  const std::string path = tmp / "model.safetensors";
+  std::vector<float> big(1 << 18, 0.5f), small(4, 0.25f);
+  const auto tensor = [](const std::vector<float>& v) {
+    TensorView t;
+    t.name = "w";
+    t.dtype = DType::F32;
+    t.shape = {static_cast<int64_t>(v.size())};
+    t.data = reinterpret_cast<const std::byte*>(v.data());
+    t.nbytes = v.size() * sizeof(float);
+    return t;
+  };
+  // A new file that does not fit: nothing appears.
+  std::string msg = error_with_file_size_limit(64 << 10, [&] { write_safetensors(path, {tensor(big)}); });
+  MESSAGE(msg);
+  CHECK(msg.find(path) != std::string::npos);
+  CHECK(msg.find(kTooLarge) != std::string::npos);
+  CHECK(listing(tmp.str()).empty());
+  // Replacing a file with one that does not fit: the old one stays, whole.
+  write_safetensors(path, {tensor(small)}, {{"version", "old"}});
+  msg = error_with_file_size_limit(64 << 10, [&] { write_safetensors(path, {tensor(big)}, {{"version", "new"}}); });
+  CHECK(msg.find(kTooLarge) != std::string::npos);
+  CHECK(listing(tmp.str()) == std::vector<std::string>{"model.safetensors"});
+  const auto st = SafetensorsFile::open(path);
+  CHECK(st->metadata().at("version") == "old");
+  CHECK(to_f32(st->get("w")) == small);
+}
+
+TEST_CASE("a full disk during an int4 checkpoint write (qkd-quantize): a clear error, the old checkpoint intact") {
+  test::TempDir tmp("fault-full-int4");
+  const std::string out = tmp / "model-int4";
+  const ModelWeights src = test::make_tiny_model(test::tiny_config(), 7);
+  Int4Params p;
+  p.group_size = 32;
+  const Int4Quantized q = quantize_model_int4(src, p);
+  write_int4_checkpoint(out, q, {}, Overwrite::Refuse);
+  const ModelWeights old = load_int4_checkpoint(out);
+  const std::vector<float> old_emb = to_f32(old.tok_embeddings);
+  const auto before = listing(tmp.str());
+  Int4Params p2 = p;
+  p2.sym = Int4Symmetry::Asymmetric;
+  const Int4Quantized q2 = quantize_model_int4(src, p2);
+  const std::string msg =
+      error_with_file_size_limit(8 << 10, [&] { write_int4_checkpoint(out, q2, {}, Overwrite::Replace); });
+  MESSAGE(msg);
+  // The message names the checkpoint asked for first, then the file being written: model.safetensors inside the
+  // output's temp folder, <dir>/.model-int4.tmp.XXXXXX/ (the folder is renamed to the output once complete).
+  CHECK(msg.rfind(out + ": writing the checkpoint failed, nothing was replaced: ", 0) == 0);
+  CHECK(msg.find(tmp.str() + "/.model-int4.tmp.") != std::string::npos);
+  CHECK(msg.find("/model.safetensors: ") != std::string::npos);
+  CHECK(msg.find(kTooLarge) != std::string::npos);
+  CHECK(listing(tmp.str()) == before);  // no temp folder left behind
+  const ModelWeights again = load_int4_checkpoint(out);
+  CHECK(again.layers.at(0).wq.int4.sym == Int4Symmetry::Symmetric);
+  CHECK(to_f32(again.tok_embeddings) == old_emb);
 }

@@ -3,8 +3,10 @@
 # the CUDA toolkit is where the build expects it. Safe to run again; it installs nothing that is present.
 set -euo pipefail
 
+# clang, libclang-rt-dev (libFuzzer and the sanitizer runtimes: only recommended by clang, so named here) and
+# libomp-dev (OpenMP for clang) build the fuzz harnesses of tools/ci-hardening.sh.
 packages=(build-essential cmake ninja-build pkg-config libsentencepiece-dev libfmt-dev doctest-dev
-          nlohmann-json3-dev python3 python3-pip)
+          nlohmann-json3-dev python3 python3-pip clang libclang-rt-dev libomp-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
