@@ -209,7 +209,11 @@ static __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int o = lpr / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (sm_active && sm_sub == 0) {  // the group's reads of s_m[sm_row] fed the shuffles above: done
+      // The row group's reads of s_m[sm_row] (above) must be ordered before its first lane overwrites it. The
+      // shuffles converge the warp but do not order shared memory: compute-sanitizer racecheck reported this
+      // read/write pair (43 warnings in test_gpu_attention, H200, 2026-12-04). Every lane gets here.
+      __syncwarp();
+      if (sm_active && sm_sub == 0) {
         const float alpha = exp2f(m_old - base);
         s_alpha[sm_row] = alpha;
         s_l[sm_row] = s_l[sm_row] * alpha + sum;
