@@ -54,26 +54,22 @@ TrainState state_with(float marker, int64_t step) {
   return s;
 }
 
-// Runs fn in a forked child whose files may not grow past limit_bytes, as if the disk filled up there. Returns
-// the qkd::Error message fn threw, "<no error>" when it returned, or a description of how the child died.
+// Runs body() in a forked child and returns the string it returns, passed back through a pipe; "<unexpected
+// exception> ..." when it throws, or a description of how the child died. The child changes what it likes
+// (resource limits, namespaces, mounts) without touching this process.
 template <typename F>
-std::string error_with_file_size_limit(rlim_t limit_bytes, F&& fn) {
+std::string in_child(F&& body) {
   int pipe_fds[2];
   REQUIRE(pipe(pipe_fds) == 0);
   const pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
     close(pipe_fds[0]);
-    std::signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing the process
-    const rlimit lim{limit_bytes, limit_bytes};
-    if (setrlimit(RLIMIT_FSIZE, &lim) != 0) _exit(3);
-    std::string msg = "<no error>";
+    std::string msg;
     try {
-      fn();
-    } catch (const qkd::Error& e) {
-      msg = e.what();
+      msg = body();
     } catch (const std::exception& e) {
-      msg = std::string("<not a qkd::Error> ") + e.what();
+      msg = std::string("<unexpected exception> ") + e.what();
     }
     const ssize_t w = write(pipe_fds[1], msg.data(), msg.size());
     _exit(w == static_cast<ssize_t>(msg.size()) ? 0 : 4);
@@ -85,9 +81,27 @@ std::string error_with_file_size_limit(rlim_t limit_bytes, F&& fn) {
   close(pipe_fds[0]);
   int status = 0;
   waitpid(pid, &status, 0);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-    return fmt::format("<the child died: status {:#x}>", status);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fmt::format("<the child died: status {:#x}>", status);
   return msg;
+}
+
+// Runs fn in a forked child whose files may not grow past limit_bytes, as if the disk filled up there. Returns
+// the qkd::Error message fn threw, "<no error>" when it returned, or a description of what else happened.
+template <typename F>
+std::string error_with_file_size_limit(rlim_t limit_bytes, F&& fn) {
+  return in_child([&]() -> std::string {
+    std::signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG instead of killing the process
+    const rlimit lim{limit_bytes, limit_bytes};
+    if (setrlimit(RLIMIT_FSIZE, &lim) != 0) return std::string("<setrlimit failed> ") + std::strerror(errno);
+    try {
+      fn();
+    } catch (const qkd::Error& e) {
+      return e.what();
+    } catch (const std::exception& e) {
+      return std::string("<not a qkd::Error> ") + e.what();
+    }
+    return "<no error>";
+  });
 }
 
 // Runs fn in a forked child that has a tmpfs of `bytes` mounted on `dir`, in its own user and mount namespaces
@@ -95,18 +109,9 @@ std::string error_with_file_size_limit(rlim_t limit_bytes, F&& fn) {
 // returns; "<skip> why" when the namespaces or the mount are refused.
 template <typename F>
 std::string in_private_tmpfs(const std::string& dir, size_t bytes, F&& fn) {
-  int pipe_fds[2];
-  REQUIRE(pipe(pipe_fds) == 0);
   const uid_t uid = getuid();
   const gid_t gid = getgid();
-  const pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    close(pipe_fds[0]);
-    auto put = [&](const std::string& m) {
-      const ssize_t w = write(pipe_fds[1], m.data(), m.size());
-      _exit(w == static_cast<ssize_t>(m.size()) ? 0 : 4);
-    };
+  return in_child([&]() -> std::string {
     auto write_proc = [](const char* file, const std::string& text) {
       const int fd = open(file, O_WRONLY);
       if (fd < 0) return false;
@@ -114,30 +119,15 @@ std::string in_private_tmpfs(const std::string& dir, size_t bytes, F&& fn) {
       close(fd);
       return ok;
     };
-    if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) put(std::string("<skip> unshare: ") + std::strerror(errno));
+    if (unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) return std::string("<skip> unshare: ") + std::strerror(errno);
     // map this user to root inside, so that the mount and the files on it are ours
     if (!write_proc("/proc/self/setgroups", "deny") || !write_proc("/proc/self/uid_map", fmt::format("0 {} 1", uid)) ||
         !write_proc("/proc/self/gid_map", fmt::format("0 {} 1", gid)))
-      put(std::string("<skip> id maps: ") + std::strerror(errno));
+      return std::string("<skip> id maps: ") + std::strerror(errno);
     if (mount("tmpfs", dir.c_str(), "tmpfs", 0, fmt::format("size={}", bytes).c_str()) != 0)
-      put(std::string("<skip> mount tmpfs: ") + std::strerror(errno));
-    std::string report;
-    try {
-      report = fn();
-    } catch (const std::exception& e) {
-      report = std::string("<unexpected exception> ") + e.what();
-    }
-    put(report);
-  }
-  close(pipe_fds[1]);
-  std::string msg;
-  char buf[512];
-  for (ssize_t r; (r = read(pipe_fds[0], buf, sizeof buf)) > 0;) msg.append(buf, static_cast<size_t>(r));
-  close(pipe_fds[0]);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fmt::format("<the child died: status {:#x}>", status);
-  return msg;
+      return std::string("<skip> mount tmpfs: ") + std::strerror(errno);
+    return fn();
+  });
 }
 
 // The names in a directory (temp files start with '.').
