@@ -49,14 +49,8 @@ void int4_dequantize(const Int4DequantArgs& a, cudaStream_t stream) {
   int4_check(a.w, "int4_dequantize");
   QKD_CHECK(reinterpret_cast<uintptr_t>(a.out) % 16 == 0 && reinterpret_cast<uintptr_t>(a.w.packed) % 16 == 0,
             "int4_dequantize: out and packed must be 16-byte aligned");
-  const int group = a.w.group_size;
-  const int groups = static_cast<int>(int4_groups_per_row(a.w.k, group));
-  // per-channel: one group per row, column >> 31 is always 0
-  int shift = 31;
-  if (groups > 1) {
-    shift = 0;
-    while ((1 << shift) < group) ++shift;  // 32, 64 or 128 (int4_check)
-  }
+  const int groups = static_cast<int>(int4_groups_per_row(a.w.k, a.w.group_size));
+  const int shift = int4_group_shift(a.w.group_size, a.w.k);
   const int pieces_per_row = a.w.k / 32;
   const int64_t pieces = static_cast<int64_t>(a.w.n) * pieces_per_row;
   if (pieces == 0) return;

@@ -60,6 +60,14 @@ constexpr int64_t int4_mins_bytes(int n, int k, int group_size, Int4Symmetry sym
   return sym == Int4Symmetry::Asymmetric ? int4_scales_bytes(n, k, group_size) : 0;
 }
 
+// Column c of a row lies in group c >> int4_group_shift(group_size, k): log2 of the group size (32, 64, 128), or
+// 31 for a whole row, so that every column maps to group 0. group_size as int4_group_size resolves it.
+constexpr int int4_group_shift(int group_size, int k) {
+  if (group_size == k) return 31;
+  int shift = 0;
+  while ((1 << shift) < group_size) ++shift;
+  return shift;
+}
 // Nibble of column 8w + j inside word w: even j in nibbles 0-3, odd j in 4-7 (the pair trick above).
 constexpr int int4_nibble(int j) { return (j & 1) ? 4 + (j >> 1) : (j >> 1); }
 

@@ -44,12 +44,8 @@ struct WeightParams {
 };
 
 WeightParams weight_params(const Int4Weight& w) {
-  int shift = 31;
-  if (w.group_size != w.k) {
-    shift = 0;
-    while ((1 << shift) < w.group_size) ++shift;  // 32, 64 or 128 (int4_check)
-  }
-  return {w.packed, w.scales, w.mins, w.n, w.k, w.k / w.group_size, shift, w.sym, w.scale_type};
+  return {w.packed, w.scales, w.mins, w.n, w.k, w.k / w.group_size, int4_group_shift(w.group_size, w.k), w.sym,
+          w.scale_type};
 }
 
 __device__ __forceinline__ uint32_t as_u32(bf162 v) {

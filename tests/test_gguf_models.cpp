@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <regex>
 #include <string>
 #include <vector>
@@ -28,6 +27,7 @@
 #include "loader/gguf_tokenizer.h"
 #include "loader/gguf_writer.h"
 #include "loader/int4_checkpoint.h"
+#include "loader/mmap_file.h"
 #include "loader/model.h"
 #include "runtime/model.h"
 #include "tests/test_util.h"
@@ -39,12 +39,6 @@ namespace {
 
 std::string fixture_dir() { return qkd::test::fixtures_dir() + "/gguf-models"; }
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  REQUIRE_MESSAGE(f.good(), "cannot open " << path);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
-
 struct Reference {
   json j;
   std::vector<float> logits;  // [positions, vocab]
@@ -52,8 +46,8 @@ struct Reference {
 
 Reference reference(const std::string& name) {
   Reference r;
-  r.j = json::parse(read_file(fixture_dir() + "/" + name + ".json"));
-  const std::string raw = read_file(fixture_dir() + "/" + name + ".logits.f32");
+  r.j = json::parse(qkd::read_text_file(fixture_dir() + "/" + name + ".json"));
+  const std::string raw = qkd::read_text_file(fixture_dir() + "/" + name + ".logits.f32");
   r.logits.resize(raw.size() / sizeof(float));
   std::memcpy(r.logits.data(), raw.data(), r.logits.size() * sizeof(float));
   const size_t vocab = r.j["config"]["vocab_size"].get<size_t>();
@@ -124,7 +118,7 @@ void check_against_reference(const qkd::ModelWeights& w, const Reference& ref) {
 
 // The pinned sha256 in tools/fetch-default-model.sh: the cached file was checked against it when fetched.
 std::string pinned_default_sha256() {
-  const std::string script = read_file(qkd::test::source_dir() + "/tools/fetch-default-model.sh");
+  const std::string script = qkd::read_text_file(qkd::test::source_dir() + "/tools/fetch-default-model.sh");
   std::smatch m;
   REQUIRE(std::regex_search(script, m, std::regex("GGUF_SHA256=([0-9a-f]{64})")));
   return m[1];
@@ -153,7 +147,7 @@ void check_export(const std::string& src, const qkd::Int4Params& params, const s
   }
   INFO("the export of " << src << " changed since " << committed
                         << " was made: if that is intended, rewrite it (QKD_UPDATE_FIXTURES=1) and the reference");
-  REQUIRE(read_file(out.string()) == read_file(committed));
+  REQUIRE(qkd::read_text_file(out.string()) == qkd::read_text_file(committed));
   const Reference ref = reference(name);
   const qkd::GgufFile f = qkd::GgufFile::open(out.string());
   check_tensor_types(f, ref.j["tensor_types"]);

@@ -326,3 +326,15 @@ TEST_CASE("int4 bad arguments throw with the offending value") {
   std::vector<float> y(8);
   throws_with([&] { cpu::int4_gemm_forward({y.data(), w.data(), q.view(), -1}); }, "m -1");
 }
+
+TEST_CASE("int4_group_shift: column >> shift is the column's group, for every group size and per-channel") {
+  for (int k : {32, 96, 4096}) {
+    for (int g : {32, 64, 128, k}) {
+      if (k % g != 0) continue;
+      CAPTURE(k);
+      CAPTURE(g);
+      const int shift = qkd::int4_group_shift(g, k);
+      for (int c = 0; c < k; c += 7) CHECK((c >> shift) == c / g);
+    }
+  }
+}
