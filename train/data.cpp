@@ -7,7 +7,6 @@
 
 #include "kernels/error.h"
 #include "runtime/eval.h"
-#include "runtime/generate.h"
 #include "runtime/sampler.h"
 
 namespace qkd::train {
