@@ -136,15 +136,8 @@ if ((tests)); then
     note "memcheck test_gpu_model (random preset, decode graph): rc=$? $(grep 'ERROR SUMMARY' "$LOG" | tail -1) ($((SECONDS - T0)) s)"
   fi
   if ((sanitize)); then
-    # every GPU test under memcheck (out-of-bounds and misaligned accesses, API errors), then the kernel tests
-    # under racecheck (shared-memory hazards); --error-exitcode makes a report fail the line
-    for t in $(ctest --test-dir "$B" -L gpu -N | sed -n 's/.*Test *#[0-9]*: *\(test_gpu_[a-z0-9_]*\).*/\1/p'); do
-      in_budget "memcheck $t" || break
-      T0=$SECONDS
-      QKD_REQUIRE_GPU=1 timeout 60 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
-        "$B/bin/$t" > "$OUT/memcheck-$t.txt" 2>&1
-      note "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck-$t.txt" | tail -1) ($((SECONDS - T0)) s)"
-    done
+    # the kernel tests under racecheck (shared-memory hazards), then every GPU test under memcheck (out-of-bounds
+    # and misaligned accesses, API errors); --error-exitcode makes a report fail the line
     for t in test_gpu_ops test_gpu_attention test_gpu_int4_gemm test_gpu_int4_dequant test_gpu_sampling \
              test_gpu_backward test_gpu_train_ops; do
       in_budget "racecheck $t" || break
@@ -152,6 +145,13 @@ if ((tests)); then
       QKD_REQUIRE_GPU=1 timeout 60 compute-sanitizer --tool racecheck --error-exitcode 99 "$B/bin/$t" \
         > "$OUT/racecheck-$t.txt" 2>&1
       note "racecheck $t: rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck-$t.txt" | tail -1) ($((SECONDS - T0)) s)"
+    done
+    for t in $(ctest --test-dir "$B" -L gpu -N | sed -n 's/.*Test *#[0-9]*: *\(test_gpu_[a-z0-9_]*\).*/\1/p'); do
+      in_budget "memcheck $t" || break
+      T0=$SECONDS
+      QKD_REQUIRE_GPU=1 timeout 60 compute-sanitizer --tool memcheck --leak-check no --error-exitcode 99 \
+        "$B/bin/$t" > "$OUT/memcheck-$t.txt" 2>&1
+      note "memcheck $t: rc=$? $(grep -E 'ERROR SUMMARY' "$OUT/memcheck-$t.txt" | tail -1) ($((SECONDS - T0)) s)"
     done
     # at most 8 files come back from a device call: the per-test logs go into one archive
     tar -C "$OUT" -czf "$OUT/sanitizers.tar.gz" $(cd "$OUT" && ls memcheck-*.txt racecheck-*.txt 2>/dev/null) &&
