@@ -6,6 +6,9 @@
 namespace qkd::detail {
 
 void cuda_fail(cudaError_t err, const char* stmt, const char* file, int line) {
+  // A failed launch also leaves its (non-sticky) error as the runtime's last error; take it now, so the next
+  // KERNEL_CHECK does not report this failure a second time against an unrelated launch.
+  (void)cudaGetLastError();
   fail("CUDA error {} ({}) in `{}` at {}:{}", cudaGetErrorName(err), cudaGetErrorString(err), stmt, file, line);
 }
 

@@ -191,6 +191,27 @@ __device__ __forceinline__ GroupConsts<qkd::ScaleType::FP16> group_consts<qkd::S
   return c;
 }
 
+// The factored form of a group (int4_gemv's factored kernel): sum_c w_c x_c = scale . sum_c (128 + u_c) x_c +
+// bias . sum_c x_c, in fp32 with no weight rounded. bias = -136 s (symmetric, exact) or m - 128 s (asymmetric,
+// one rounding). codes = scale bits | min bits << 16, of either storage type.
+struct ChunkConsts {
+  float scale;
+  float bias;
+};
+
+template <qkd::ScaleType T>
+__device__ __forceinline__ ChunkConsts chunk_consts(uint32_t codes, qkd::Int4Symmetry sym) {
+  float s, m;
+  if constexpr (T == qkd::ScaleType::BF16) {  // a bf16 is the top half of an fp32
+    s = __uint_as_float(codes << 16);
+    m = __uint_as_float(codes & 0xFFFF0000u);
+  } else {
+    s = __half2float(__ushort_as_half(static_cast<unsigned short>(codes & 0xFFFFu)));
+    m = __half2float(__ushort_as_half(static_cast<unsigned short>(codes >> 16)));
+  }
+  return {s, sym == qkd::Int4Symmetry::Asymmetric ? __fmaf_rn(-128.0f, s, m) : -136.0f * s};
+}
+
 // (a & b) | c in one instruction: 0xEA is the lop3 truth table of that expression (0xF0 & 0xCC | 0xAA).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t d;

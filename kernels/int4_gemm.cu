@@ -1,10 +1,12 @@
 // CUDA linear layer with int4 weights (kernels/int4_gemm.h), bf16 activations, fp32 accumulation:
 //   forward:   y[m, n]  (=|+=)  x[m, k]  . dequant(W)[n, k]^T
 //   backward:  dx[m, k] (=|+=)  dy[m, n] . dequant(W)[n, k]          (W frozen: no weight gradient)
-// Two kernels, both on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate):
-//  - int4_gemv_kernel, forward with m <= 16 (decode). Memory-bound: the weight is read once, 16 bytes per lane,
-//    straight into registers, and dequantized there into the mma's A operand (weight rows are the mma's M,
-//    tokens its N, so m = 1 wastes 7/8 of an n8 tile instead of 15/16 of an m16 one). A lane loads 32
+// Three kernels, all on the tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate):
+//  - int4_gemv_factored_kernel, forward with m <= 2 and groups of 128 or a whole row (batch-1 decode of g128
+//    models): the scale is applied once per 128-column chunk instead of once per weight (see its comment).
+//  - int4_gemv_kernel, the other forwards with m <= 16 (decode). Memory-bound: the weight is read once, 16 bytes
+//    per lane, straight into registers, and dequantized there into the mma's A operand (weight rows are the mma's
+//    M, tokens its N, so m = 1 wastes 7/8 of an n8 tile instead of 15/16 of an m16 one). A lane loads 32
 //    consecutive columns of a row; the four lanes of a quad (t = 0..3) hold four such pieces, and each k16 step
 //    contracts columns {32t + 4s + 0..3 : t} -- a permutation of k that the activations' B operand follows, so
 //    every operand is one contiguous 16-byte load and nothing is shuffled. The 4 warps of a block split k and
@@ -16,7 +18,7 @@
 //    piece of the weight tile a step ahead into registers, dequantizes it to bf16 in shared memory, and the
 //    8 warps (64 x 32 each) read both operands with ldmatrix. The backward uses the same weight tile read
 //    through ldmatrix.trans, which hands out W's columns as the B operand.
-// Both are instantiated per scale storage type (int4_format.h: bf16 scales dequantize in bf16x2, fp16 ones in
+// All are instantiated per scale storage type (int4_format.h: bf16 scales dequantize in bf16x2, fp16 ones in
 // fp32). docs/int4-gemm-notes.md has the measurements, and the variants that lost.
 #include <cstdint>
 #include <cstring>
@@ -63,6 +65,16 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 __device__ __forceinline__ uint4 load_stream(const uint32_t* p) {
   uint4 v;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// The same with an L2 prefetch hint: the L2 fetches the whole 256-byte block around the address, which the other
+// warps of the block read next (the factored GEMV: 1-2% faster on the decode chain, three calls on the H200).
+__device__ __forceinline__ uint4 load_stream_l2(const uint32_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -208,6 +220,212 @@ void launch_gemv(const GemvParams& p, cudaStream_t stream) {
     int4_gemv_kernel<NT, RB, U, ScaleType::FP16><<<blocks, kGemvThreads, 0, stream>>>(p);
   }
   KERNEL_CHECK();
+}
+
+// ---------------------------------------------------------------------------- factored decode GEMV (m <= 2)
+// For group sizes of 128 or more (g128, per-channel), the 128 columns a quad contracts per chunk lie in one group
+// of each row, so the scale can wait until the chunk's sum is done:
+//   sum_c w_c x_c = s . sum_c (128 + u_c) x_c + b . sum_c x_c,   b = -136 s (symmetric) or m - 128 s (asymmetric)
+// The mma takes 128 + u straight from magic_pair (at most two instructions a pair, none for scale or offset),
+// the chunk's sum of x comes from shared memory where the block computed it once, and the scale and bias are
+// applied in fp32 once per chunk: about 10 instructions a 32-bit word against int4_gemv_kernel's 16, and more
+// exact, since no weight is rounded to bf16 (the cancellation against 128 . sum(x) costs a few fp32 units in the
+// last place of the chunk sum). x lives in shared memory, not in registers (m <= 2 keeps it small), so a warp's
+// registers hold weights: two batches of U chunks, the next one's loads in flight while the current one is
+// contracted. Within a chunk x is stored lane-major (word i of lane t at 32 i + 8 t), so a quad's four 16-byte
+// reads hit four different bank groups. docs/int4-gemm-notes.md has the measurements and the variants that lost.
+constexpr int kFactMaxM = 2;
+
+constexpr size_t kFactMaxSmem = 160 * 1024;  // longer rows (k > ~40000 at m = 2) take int4_gemv_kernel
+
+struct FactLayout {
+  int x_stride;  // bf16 elements per token row of x in shared memory: the chunks, then 8 of padding (banks)
+  size_t bytes;  // m x rows, then float2 sum[n_chunks] (token 0, token 1)
+};
+
+FactLayout fact_layout(int k, int m) {
+  const int n_chunks = (k + kGemvChunk - 1) / kGemvChunk;
+  const int stride = n_chunks * kGemvChunk + 8;  // a multiple of 8: rows and the sums stay 16-byte aligned
+  return {stride, static_cast<size_t>(m) * stride * sizeof(bf16) + static_cast<size_t>(n_chunks) * sizeof(float2)};
+}
+
+// W warps split k, U chunks a register batch, MINB blocks an SM bound the registers.
+template <int W, int U, int MINB, ScaleType ST>
+__global__ void __launch_bounds__(W * 32, MINB) int4_gemv_factored_kernel(const GemvParams p, const int x_stride) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* xs = reinterpret_cast<bf16*>(smem_raw);                       // [m][x_stride]
+  float2* xsum = reinterpret_cast<float2*>(xs + p.m * x_stride);      // [n_chunks]
+  __shared__ float red[W][4][32];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int n = p.w.n, k = p.w.k;
+  const int n_chunks = (k + kGemvChunk - 1) / kGemvChunk;
+  // Per-lane row pointers, computed once: a chunk is 16 words further along a row, and its group is
+  // chunk >> (group_shift - 7) (0 for a whole row: group_shift 31).
+  bool row_ok[2];
+  const uint32_t* wp[2];
+  const uint16_t* sp[2];
+  const uint16_t* mp[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + g + 8 * h;
+    row_ok[h] = row < n;
+    const int64_t r = row_ok[h] ? row : 0;  // keeps the pointers inside the buffers
+    wp[h] = p.w.packed + r * (k / 8) + 4 * t;
+    sp[h] = p.w.scales + r * p.w.groups;
+    mp[h] = p.w.sym == Int4Symmetry::Asymmetric ? p.w.mins + r * p.w.groups : nullptr;
+  }
+  const int chunk_group_shift = p.w.group_shift - 7;
+
+  uint4 wq[2][U][2];        // [batch][chunk][rows g, g + 8]: 32 columns each
+  uint32_t codes[2][U][2];  // scale | min << 16
+  auto load_batch = [&](const int b, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = c0 + u * W;
+      const bool col_ok = chunk * kGemvChunk + 32 * t < k;  // a piece past k is 128 + 0 times x = 0: harmless
+      const int gi = chunk >> chunk_group_shift;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok = col_ok && row_ok[h];
+        const uint32_t* src = wp[h] + chunk * (kGemvChunk / 8);
+        wq[b][u][h] = ok ? load_stream_l2(src) : make_uint4(0, 0, 0, 0);
+        // The chunk's first column names the group of the whole chunk, and lies inside k for every chunk that
+        // exists. A zero code (rows past n) zeroes the row's sums. Every lane loads (the quad's four loads are
+        // one request), so no branch splits the warp.
+        const bool code_ok = chunk < n_chunks && row_ok[h];
+        uint32_t c = code_ok ? __ldg(sp[h] + gi) : 0u;
+        if (mp[h] != nullptr && code_ok) c |= static_cast<uint32_t>(__ldg(mp[h] + gi)) << 16;
+        codes[b][u][h] = c;
+      }
+    }
+  };
+  constexpr int kStep = W * U;
+  load_batch(0, warp);  // the first weights are in flight while x is staged
+
+  // Stage x (zero past k) and each chunk's sum per token. 16 consecutive threads hold one chunk, so the sum is
+  // four shuffles; the loop bound is the same for every thread (full-warp shuffles). Once per block, so it is
+  // kept cheap: no division, one 16-byte load and store per thread and step.
+  const int pieces = n_chunks * 16;  // 16-byte pieces of a token row, padded to whole chunks
+  for (int tok = 0; tok < p.m; ++tok) {
+    const bf16* xrow = p.x + int64_t{tok} * k;
+    bf16* srow = xs + tok * x_stride;
+    for (int base = 0; base < pieces; base += W * 32) {
+      const int q = base + threadIdx.x;
+      const int chunk = q >> 4, r = q & 15;  // source piece r = 4 t + i: columns 32 t + 8 i .. + 7 of the chunk
+      const int col = 8 * q;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (q < pieces && col < k) v = __ldg(reinterpret_cast<const uint4*>(xrow + col));
+      const uint32_t w4[4] = {v.x, v.y, v.z, v.w};
+      float s = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s += __uint_as_float(w4[e] << 16) + __uint_as_float(w4[e] & 0xFFFF0000u);
+#pragma unroll
+      for (int off = 8; off > 0; off >>= 1) s += __shfl_xor_sync(0xFFFFFFFFu, s, off);
+      if (q < pieces) {
+        *reinterpret_cast<uint4*>(srow + chunk * kGemvChunk + 8 * (4 * (r & 3) + (r >> 2))) = v;
+        if (r == 0) reinterpret_cast<float*>(xsum + chunk)[tok] = s;
+        if (r == 1 && p.m == 1) xsum[chunk].y = 0.0f;  // token 1's column (never stored, but initialised)
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows g (0, 1), g + 8 (2, 3); tokens 2t, 2t + 1
+  // Lanes g >= m fill the n8 tile's columns of tokens that do not exist: any finite values do, since those
+  // outputs are never stored, so they read token 0's row instead of being predicated to zero.
+  const bf16* xg = xs + (g < p.m ? g : 0) * x_stride + 8 * t;
+  auto compute = [&](const int b, int c0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int chunk = c0 + u * W;
+      if (chunk >= n_chunks) break;  // the same for the whole warp
+      const bf16* xc = xg + chunk * kGemvChunk;
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint4 xv = *reinterpret_cast<const uint4*>(xc + 32 * i);
+        const uint32_t lo = word(wq[b][u][0], i), hi = word(wq[b][u][1], i);
+        mma_16816(part, dq::magic_pair(lo, 0), dq::magic_pair(hi, 0), dq::magic_pair(lo, 1), dq::magic_pair(hi, 1),
+                  xv.x, xv.y);
+        mma_16816(part, dq::magic_pair(lo, 2), dq::magic_pair(hi, 2), dq::magic_pair(lo, 3), dq::magic_pair(hi, 3),
+                  xv.z, xv.w);
+      }
+      const float2 sx = xsum[chunk];  // tokens 0 and 1: the lanes with t = 0 hold those columns
+      const dq::ChunkConsts c0s = dq::chunk_consts<ST>(codes[b][u][0], p.w.sym);
+      const dq::ChunkConsts c1s = dq::chunk_consts<ST>(codes[b][u][1], p.w.sym);
+      acc[0] = __fmaf_rn(c0s.bias, sx.x, __fmaf_rn(c0s.scale, part[0], acc[0]));
+      acc[1] = __fmaf_rn(c0s.bias, sx.y, __fmaf_rn(c0s.scale, part[1], acc[1]));
+      acc[2] = __fmaf_rn(c1s.bias, sx.x, __fmaf_rn(c1s.scale, part[2], acc[2]));
+      acc[3] = __fmaf_rn(c1s.bias, sx.y, __fmaf_rn(c1s.scale, part[3], acc[3]));
+    }
+  };
+  // Two batches alternate: the next one's loads are issued before the current one is contracted.
+  for (int c0 = warp; c0 < n_chunks; c0 += 2 * kStep) {
+    if (c0 + kStep < n_chunks) load_batch(1, c0 + kStep);
+    compute(0, c0);
+    if (c0 + kStep >= n_chunks) break;
+    if (c0 + 2 * kStep < n_chunks) load_batch(0, c0 + 2 * kStep);
+    compute(1, c0 + kStep);
+  }
+
+  // the W warps hold partial sums over disjoint chunks: add them in shared memory (lane-minor, conflict-free)
+#pragma unroll
+  for (int e = 0; e < 4; ++e) red[warp][e][lane] = acc[e];
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) s += red[w][e][lane];
+      const int row = row0 + g + (e >> 1) * 8, tok = 2 * t + (e & 1);
+      if (row < n && tok < p.m) store_out(p.y, static_cast<int64_t>(tok) * n + row, s, p.mode);
+    }
+  }
+}
+
+template <int W, int U, int MINB>
+void launch_gemv_factored(const GemvParams& p, cudaStream_t stream) {
+  const FactLayout L = fact_layout(p.w.k, p.m);
+  const int blocks = (p.w.n + 15) / 16;
+  auto go = [&](auto kernel) {
+    // Past 48 KB of shared memory (dynamic plus the static reduction buffer) a kernel must opt in; the call is
+    // cheap and valid during graph capture.
+    if (L.bytes + sizeof(float) * W * 4 * 32 > 48 * 1024) {
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(L.bytes)));
+    }
+    kernel<<<blocks, W * 32, L.bytes, stream>>>(p, L.x_stride);
+  };
+  if (p.w.scale_type == ScaleType::BF16) {
+    go(int4_gemv_factored_kernel<W, U, MINB, ScaleType::BF16>);
+  } else {
+    go(int4_gemv_factored_kernel<W, U, MINB, ScaleType::FP16>);
+  }
+  KERNEL_CHECK();
+}
+
+// Whether the factored kernel serves this product: the chunk must lie in one group (g128 or per-channel), and x
+// must fit in shared memory.
+bool factored_fits(const WeightParams& w, int m) {
+  return m <= kFactMaxM && w.group_shift >= 7 && fact_layout(w.k, m).bytes <= kFactMaxSmem;
+}
+
+// Few rows (o_proj, down_proj of a 7B: 256 tiles of 16) need many warps per tile to keep loads in flight, many
+// rows (qkv, gate_up) fewer. Measured on the H200 against these shapes (docs/int4-gemm-notes.md), every other
+// tried choice was slower: 3 chunks a batch, more blocks an SM (64 registers, spills), 8 warps for qkv/gate_up,
+// 32 warps for o/down, both batches issued before x is staged.
+void gemv_factored(const GemvParams& p, cudaStream_t stream) {
+  const int tiles = (p.w.n + 15) / 16;
+  if (tiles >= 700) {
+    launch_gemv_factored<4, 2, 6>(p, stream);
+  } else if (tiles >= 350) {
+    launch_gemv_factored<8, 2, 3>(p, stream);
+  } else {
+    launch_gemv_factored<16, 1, 2>(p, stream);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------- GEMM
@@ -449,7 +667,9 @@ void int4_gemm_forward(const Int4GemmArgs<bf16>& a, cudaStream_t stream) {
   const WeightParams w = weight_params(a.w);
   if (a.m <= 16) {
     const GemvParams p{a.y, a.x, w, a.m, a.mode};
-    if (a.m <= 4) {
+    if (factored_fits(w, a.m)) {
+      gemv_factored(p, stream);
+    } else if (a.m <= 4) {
       launch_gemv<1, 1, 4>(p, stream);
     } else if (a.m <= 8) {
       launch_gemv<1, 2, 2>(p, stream);

@@ -4,7 +4,9 @@
 // Accumulate::Overwrite writes every output element, Accumulate::Add adds onto what is there (the residual
 // stream, or a gradient summed over several paths).
 // CUDA: bf16 activations, fp32 accumulation, each weight rounded to bf16 after dequantization (the tensor
-// cores' operand type). m <= 16 forward takes a memory-bound GEMV path, everything else a tensor-core GEMM.
+// cores' operand type), except on the batch-1 decode path (m <= 2, groups of 128 or a whole row), which applies
+// each group's scale in fp32 to the sum of (128 + u) x and rounds no weight. m <= 16 forward takes a memory-bound
+// GEMV path, everything else a tensor-core GEMM.
 // Shapes: k a multiple of 32 (the format's rule), n any positive count for the forward and a multiple of 8 for
 // the backward (dy rows are read as 16-byte vectors); x/dy and the packed weight 16-byte aligned.
 // CPU: fp32 throughout, with the exact fp32 dequantized weight.

@@ -239,6 +239,32 @@ TEST_CASE("int4 GEMV with more row tiles than resident blocks: several tiles a b
   check_case({16, 5000, 8192, 64, Int4Symmetry::Symmetric, ScaleType::BF16, false, Accumulate::Add});
 }
 
+TEST_CASE("int4 factored GEMV (group of 128 or a whole row, m = 1 and 2): each launch shape, partial chunks") {
+  // The factored kernel applies each group's scale once per 128-column chunk. Every symmetry and scale type on
+  // short rows: per-channel k = 11008 and 352 end in a partial chunk, k = 64 is a chunk half past k; n = 77 / 300
+  // end in a partial 16-row tile.
+  int index = 0;
+  for (int m : {1, 2}) {
+    for (Int4Symmetry sym : {Int4Symmetry::Symmetric, Int4Symmetry::Asymmetric}) {
+      for (ScaleType st : {ScaleType::BF16, ScaleType::FP16}) {
+        const Accumulate mode = index++ % 2 == 0 ? Accumulate::Overwrite : Accumulate::Add;
+        check_case({m, 77, 11008, 11008, sym, st, false, mode});
+        check_case({m, 300, 352, 352, sym, st, false, mode});
+        check_case({m, 40, 64, 64, sym, st, false, mode});
+        check_case({m, 1000, 1152, 128, sym, st, false, mode});
+      }
+    }
+  }
+  // n picks the launch shape (16, 8 or 4 warps a block below 350, below 700 and from 700 tiles of 16 rows); k is
+  // long enough for several register batches per warp, the last one partial
+  check_case({1, 11201, 2176, 128, Int4Symmetry::Symmetric, ScaleType::BF16, false, Accumulate::Overwrite});
+  check_case({2, 11201, 2176, 128, Int4Symmetry::Asymmetric, ScaleType::FP16, false, Accumulate::Add});
+  check_case({1, 5601, 2176, 128, Int4Symmetry::Asymmetric, ScaleType::BF16, false, Accumulate::Add});
+  check_case({2, 5601, 2176, 2176, Int4Symmetry::Symmetric, ScaleType::FP16, false, Accumulate::Overwrite});
+  check_case({1, 4096, 4224, 128, Int4Symmetry::Symmetric, ScaleType::FP16, false, Accumulate::Add});
+  check_case({2, 2000, 11008, 128, Int4Symmetry::Asymmetric, ScaleType::BF16, false, Accumulate::Overwrite});
+}
+
 TEST_CASE("int4 CUDA launchers reject bad arguments with the offending value") {
   std::vector<float> w = normal(96 * 128, 0.0f, 0.05f);
   const Int4HostWeight q = int4_quantize(w.data(), 96, 128, 32, Int4Symmetry::Symmetric, ScaleType::BF16);
