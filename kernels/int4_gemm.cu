@@ -61,22 +61,21 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 }
 
 // Weights are read once per launch (per token tile in the GEMM, where L2 serves the repeats): keep them out
-// of L1 so the activations, which every block re-reads, stay there.
+// of L1 so the activations, which every block re-reads, stay there. kL2Block adds an L2 prefetch hint: the L2
+// fetches the whole 256-byte block around the address, which the other warps of the block read next (the
+// factored GEMV: 1-2% faster on the decode chain in each of three calls on the H200).
+template <bool kL2Block = false>
 __device__ __forceinline__ uint4 load_stream(const uint32_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-// The same with an L2 prefetch hint: the L2 fetches the whole 256-byte block around the address, which the other
-// warps of the block read next (the factored GEMV: 1-2% faster on the decode chain, three calls on the H200).
-__device__ __forceinline__ uint4 load_stream_l2(const uint32_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (kL2Block) {
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  } else {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  }
   return v;
 }
 
@@ -291,7 +290,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_factored_kernel(const 
       for (int h = 0; h < 2; ++h) {
         const bool ok = col_ok && row_ok[h];
         const uint32_t* src = wp[h] + chunk * (kGemvChunk / 8);
-        wq[b][u][h] = ok ? load_stream_l2(src) : make_uint4(0, 0, 0, 0);
+        wq[b][u][h] = ok ? load_stream<true>(src) : make_uint4(0, 0, 0, 0);
         // The chunk's first column names the group of the whole chunk, and lies inside k for every chunk that
         // exists. A zero code (rows past n) zeroes the row's sums. Every lane loads (the quad's four loads are
         // one request), so no branch splits the warp.
