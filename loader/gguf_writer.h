@@ -73,7 +73,13 @@ void check_gguf_output(const std::string& path, Overwrite overwrite);
 // `gguf_source`, no tensors), which load_gguf_tokenizer reads. Refuses an existing `path`.
 void write_gguf_tokenizer(const std::string& gguf_source, const std::string& path);
 
-// Writes q (from quantize_model_int4 with group 32 and fp16 scales; symmetric -> Q4_0, asymmetric -> Q4_1) as a
+// The quantization parameters whose groups a GGUF Q4_0 (symmetric) or Q4_1 (asymmetric) tensor stores exactly:
+// group 32, fp16 scales (and mins), for the given modules.
+inline Int4Params gguf_q4_params(Int4Symmetry sym, Int4ModuleSet modules = kInt4LinearModules) {
+  return {.group_size = 32, .sym = sym, .scale_type = ScaleType::FP16, .modules = modules};
+}
+
+// Writes q (from gguf_q4_params: symmetric -> Q4_0, asymmetric -> Q4_1) as a
 // llama.cpp GGUF, with the tokenizer of q.source_model (see the header comment). Throws qkd::Error when the
 // parameters cannot be stored as Q4_0/Q4_1, when the RoPE scaling has no GGUF key qkd reads back (llama3), or
 // when no tokenizer is found.

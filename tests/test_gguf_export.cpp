@@ -41,15 +41,6 @@ std::string fixture(const std::string& rel) { return qkd::test::fixtures_dir() +
 using qkd::test::error_of;
 using qkd::test::TempDir;
 
-Int4Params g32(Int4Symmetry sym, qkd::Int4ModuleSet modules = qkd::kInt4LinearModules) {
-  Int4Params p;
-  p.group_size = 32;
-  p.sym = sym;
-  p.scale_type = ScaleType::FP16;
-  p.modules = modules;
-  return p;
-}
-
 // (llama.cpp name, view) for every tensor the export writes.
 std::vector<std::pair<std::string, const TensorView*>> gguf_names(const ModelWeights& w) {
   std::vector<std::pair<std::string, const TensorView*>> v{{"token_embd.weight", &w.tok_embeddings}};
@@ -176,7 +167,7 @@ TEST_CASE("export of the tiny GGUF model: Q4_0 and Q4_1 bit for bit, tokenizer c
   for (const Int4Symmetry sym : {Int4Symmetry::Symmetric, Int4Symmetry::Asymmetric}) {
     const bool asym = sym == Int4Symmetry::Asymmetric;
     INFO("export as " << (asym ? "Q4_1" : "Q4_0"));
-    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, g32(sym));
+    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, qkd::gguf_q4_params(sym));
     const std::string out = dir / (asym ? "q41.gguf" : "q40.gguf");
     qkd::export_gguf(out, q, qkd::Overwrite::Refuse);
     const GgufFile f = GgufFile::open(out);
@@ -237,7 +228,7 @@ TEST_CASE("export from sentencepiece and llama2.c tokenizers, with padding and t
   SUBCASE("teacher-25m with tokenizer.model") {
     const std::string teacher = data + "/models/teacher-25m";
     const ModelWeights src = qkd::load_model(teacher);
-    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, g32(Int4Symmetry::Symmetric));
+    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, qkd::gguf_q4_params(Int4Symmetry::Symmetric));
     qkd::export_gguf(dir / "t.gguf", q, qkd::Overwrite::Refuse);
     const GgufFile f = GgufFile::open(dir / "t.gguf");
     check_tensors(f, q);
@@ -253,7 +244,8 @@ TEST_CASE("export from sentencepiece and llama2.c tokenizers, with padding and t
     const std::string model = data + "/models/stories260K/stories260K.bin";
     const ModelWeights src = qkd::load_model(model);
     const qkd::Int4Quantized q =
-        qkd::quantize_model_int4(src, g32(Int4Symmetry::Asymmetric, qkd::parse_int4_modules("q,k,v,o", "m")));
+        qkd::quantize_model_int4(src, qkd::gguf_q4_params(Int4Symmetry::Asymmetric,
+                                                          qkd::parse_int4_modules("q,k,v,o", "m")));
     qkd::export_gguf(dir / "s.gguf", q, qkd::Overwrite::Refuse);
     const GgufFile f = GgufFile::open(dir / "s.gguf");
     check_tensors(f, q);
@@ -278,7 +270,8 @@ TEST_CASE("export from sentencepiece and llama2.c tokenizers, with padding and t
       fs::copy_file(fixture("hf/tiny-llama/") + f, hf / f);
     fs::copy_file(data + "/models/babyllama-tok105/tok105.model", hf / "tokenizer.model");
     std::ofstream(hf / "tokenizer_config.json") << R"({"chat_template": "{{ messages }}", "add_bos_token": false})";
-    const qkd::Int4Quantized q = qkd::quantize_model_int4(qkd::load_model(hf.string()), g32(Int4Symmetry::Symmetric));
+    const qkd::Int4Quantized q =
+        qkd::quantize_model_int4(qkd::load_model(hf.string()), qkd::gguf_q4_params(Int4Symmetry::Symmetric));
     qkd::export_gguf(dir / "p.gguf", q, qkd::Overwrite::Refuse);
     const GgufFile f = GgufFile::open(dir / "p.gguf");
     const qkd::GgufVocab v = qkd::read_gguf_vocab(f);
@@ -293,25 +286,26 @@ TEST_CASE("export from sentencepiece and llama2.c tokenizers, with padding and t
 TEST_CASE("export refuses what GGUF cannot hold and outputs it must not touch") {
   const ModelWeights src = qkd::load_model(fixture("gguf/tiny-llama.gguf"));
   TempDir dir;
-  Int4Params bf16 = g32(Int4Symmetry::Symmetric);
+  Int4Params bf16 = qkd::gguf_q4_params(Int4Symmetry::Symmetric);
   bf16.scale_type = ScaleType::BF16;
   CHECK_ERROR_CONTAINS(qkd::export_gguf(dir / "x.gguf", qkd::quantize_model_int4(src, bf16), qkd::Overwrite::Refuse),
                        "group 32 with fp16 scales", "bf16");
-  Int4Params g64 = g32(Int4Symmetry::Symmetric, qkd::parse_int4_modules("down", "m"));  // down's k is ffn_dim 64
+  // down's k is ffn_dim 64
+  Int4Params g64 = qkd::gguf_q4_params(Int4Symmetry::Symmetric, qkd::parse_int4_modules("down", "m"));
   g64.group_size = 64;
   CHECK_ERROR_CONTAINS(qkd::export_gguf(dir / "x.gguf", qkd::quantize_model_int4(src, g64), qkd::Overwrite::Refuse),
                        "group 64");
-  qkd::Int4Quantized llama3 = qkd::quantize_model_int4(src, g32(Int4Symmetry::Symmetric));
+  qkd::Int4Quantized llama3 = qkd::quantize_model_int4(src, qkd::gguf_q4_params(Int4Symmetry::Symmetric));
   llama3.weights.config.rope_scaling.type = qkd::RopeScalingType::Llama3;
   CHECK_ERROR_CONTAINS(qkd::export_gguf(dir / "x.gguf", llama3, qkd::Overwrite::Refuse), "llama3 RoPE scaling");
   CHECK_FALSE(fs::exists(dir / "x.gguf"));
 
   // the tiny HF fixture has no tokenizer, and a GGUF without one is no use to llama.cpp
   const qkd::Int4Quantized hf = qkd::quantize_model_int4(qkd::load_model(fixture("hf/tiny-llama")),
-                                                         g32(Int4Symmetry::Symmetric));
+                                                         qkd::gguf_q4_params(Int4Symmetry::Symmetric));
   CHECK_ERROR_CONTAINS(qkd::export_gguf(dir / "x.gguf", hf, qkd::Overwrite::Refuse), "no tokenizer found");
 
-  const qkd::Int4Quantized q = qkd::quantize_model_int4(src, g32(Int4Symmetry::Symmetric));
+  const qkd::Int4Quantized q = qkd::quantize_model_int4(src, qkd::gguf_q4_params(Int4Symmetry::Symmetric));
   qkd::export_gguf(dir / "a.gguf", q, qkd::Overwrite::Refuse);
   CHECK_ERROR_CONTAINS(qkd::export_gguf(dir / "a.gguf", q, qkd::Overwrite::Refuse), "already exists");
   qkd::export_gguf(dir / "a.gguf", q, qkd::Overwrite::Replace);

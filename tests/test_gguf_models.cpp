@@ -124,15 +124,6 @@ std::string pinned_default_sha256() {
   return m[1];
 }
 
-qkd::Int4Params g32(qkd::Int4Symmetry sym, qkd::Int4ModuleSet modules = qkd::kInt4LinearModules) {
-  qkd::Int4Params p;
-  p.group_size = 32;
-  p.sym = sym;
-  p.scale_type = qkd::ScaleType::FP16;
-  p.modules = modules;
-  return p;
-}
-
 // Exports `src` with `params` into a temporary file and checks it against the committed export `name`.gguf.
 void check_export(const std::string& src, const qkd::Int4Params& params, const std::string& name) {
   qkd::test::TempDir dir;
@@ -191,11 +182,12 @@ TEST_CASE("the default model against transformers on the gguf package's dequanti
 
 TEST_CASE("qkd's GGUF export read back by the gguf package and transformers: Q4_0 and Q4_1") {
   const std::string tiny = qkd::test::fixtures_dir() + "/gguf/tiny-llama.gguf";
-  SUBCASE("tiny model, Q4_0") { check_export(tiny, g32(qkd::Int4Symmetry::Symmetric), "tiny-q4_0"); }
-  SUBCASE("tiny model, Q4_1") { check_export(tiny, g32(qkd::Int4Symmetry::Asymmetric), "tiny-q4_1"); }
+  SUBCASE("tiny model, Q4_0") { check_export(tiny, qkd::gguf_q4_params(qkd::Int4Symmetry::Symmetric), "tiny-q4_0"); }
+  SUBCASE("tiny model, Q4_1") { check_export(tiny, qkd::gguf_q4_params(qkd::Int4Symmetry::Asymmetric), "tiny-q4_1"); }
   SUBCASE("stories260K (a trained llama2.c model), Q4_1 attention") {
     QKD_REQUIRE_SHARED_DATA();
     check_export(qkd::test::shared_data() + "/models/stories260K/stories260K.bin",
-                 g32(qkd::Int4Symmetry::Asymmetric, qkd::parse_int4_modules("q,k,v,o", "test")), "stories260k-q4_1");
+                 qkd::gguf_q4_params(qkd::Int4Symmetry::Asymmetric, qkd::parse_int4_modules("q,k,v,o", "test")),
+                 "stories260k-q4_1");
   }
 }
