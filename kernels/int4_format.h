@@ -21,6 +21,7 @@
 //
 // Device dequantization (int4_device::dequant_word) rounds each weight to bf16 once, because the tensor cores
 // take bf16 operands: w = bf16(s * (u - 8)) or bf16(s * u + m). The CPU twin keeps the exact fp32 value above.
+// The batch-1 decode GEMV of g128 / per-channel weights rounds none (int4_device::ChunkConsts).
 #pragma once
 
 #include <cstdint>
