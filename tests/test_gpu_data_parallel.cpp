@@ -1,5 +1,9 @@
-// qkd-train --gpus 2 against --gpus 1 with the same global batch (train/data_parallel.h): the loss trajectory is
-// the same within floating-point tolerance. Needs 2 GPUs and ../shared's teacher-25m; skips otherwise.
+// Data parallelism through NCCL (train/data_parallel.h).
+// - One GPU through the NCCL path (per-layer reductions on a second stream, ZeRO-1 AdamW on the shard, the
+//   all-gathers) against the lone CUDA engine: the same bits. Needs 1 GPU and an NCCL build; the tiny fixture.
+// - qkd-train --gpus 2 against --gpus 1 with the same global batch: the loss trajectory is the same within
+//   floating-point tolerance. Needs 2 GPUs and ../shared's teacher-25m; skips otherwise.
+// tests/test_data_parallel.cpp checks the same logic on CPU engines with 1, 2 and 3 ranks.
 #include <cmath>
 #include <fstream>
 #include <string>
@@ -10,7 +14,9 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "dp_test_util.h"
 #include "test_util.h"
+#include "train/data_parallel.h"
 #include "train/trainer.h"
 
 namespace {
@@ -27,6 +33,33 @@ std::vector<double> losses(const std::string& metrics) {
 }
 
 }  // namespace
+
+TEST_CASE("one GPU through the NCCL path is the lone CUDA engine, bit for bit") {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 1) {
+    cudaGetLastError();
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  if (!qkd::train::nccl_built()) {
+    MESSAGE("skipped: this build has no NCCL");
+    return;
+  }
+  using namespace qkd::train;
+  qkd::test::DpSetup s = qkd::test::make_dp_setup(qkd::runtime::BackendKind::Cuda);
+  s.eo.micro_batch = 2;
+  auto lone = make_engine(s.eo, s.plan, s.init, &s.teacher);
+  auto dp = make_data_parallel_engine(s.eo, s.plan, s.init, &s.teacher, Transport::Nccl);
+  for (int64_t k = 1; k <= 3; ++k) {
+    const std::vector<int32_t> win =
+        qkd::test::random_windows(4, 100 + static_cast<uint32_t>(k), s.student.config.vocab_size);
+    const qkd::test::StepResult a = qkd::test::train_step(*lone, win, 4, k), b = qkd::test::train_step(*dp, win, 4, k);
+    INFO("step ", k, ": loss ", a.loss, " / ", b.loss, ", gradient norm ", a.grad_norm, " / ", b.grad_norm);
+    CHECK(a.loss == b.loss);
+    CHECK(a.grad_norm == b.grad_norm);
+  }
+  qkd::test::check_same_state(*lone, *dp);
+}
 
 TEST_CASE("2 GPUs follow the 1-GPU loss trajectory of the same global batch") {
   int devices = 0;

@@ -38,16 +38,23 @@ class EngineImpl final : public Engine {
               opt.micro_batch, opt.seq_len);
     QKD_CHECK(static_cast<int64_t>(init.master.size()) == plan_.total, "initial parameters hold {} values, plan {}",
               init.master.size(), plan_.total);
+    QKD_CHECK(opt.shard_count >= 1 && opt.shard_rank >= 0 && opt.shard_rank < opt.shard_count,
+              "optimizer shard {} of {} does not exist", opt.shard_rank, opt.shard_count);
     const int64_t total = plan_.total;
-    master_ = ops_.template alloc<float>(total);
-    grad_ = ops_.template alloc<float>(total);
-    m_ = ops_.template alloc<float>(total);
-    v_ = ops_.template alloc<float>(total);
+    layout_ = shard_layout(total, opt.shard_count);
+    lo_ = layout_.lo(opt.shard_rank);
+    hi_ = layout_.hi(opt.shard_rank);
+    const int64_t padded = layout_.padded;
+    // ops_.alloc zeroes, so the padding past total is zero and stays so: the collectives move whole chunks.
+    master_ = ops_.template alloc<float>(padded);
+    grad_ = ops_.template alloc<float>(padded);
+    m_ = ops_.template alloc<float>(hi_ - lo_);
+    v_ = ops_.template alloc<float>(hi_ - lo_);
     ops_.upload(master_, init.master.data(), total);
     if constexpr (std::is_same_v<T, float>) {
       compute_ = master_;  // fp32 backend: the master weights are the compute weights
     } else {
-      compute_ = ops_.template alloc<T>(total);
+      compute_ = ops_.template alloc<T>(padded);
       for (const Segment& s : plan_.segments)
         if (s.compute_copy) ops_.to_compute(compute_ + s.offset, init.master.data() + s.offset, s.numel);
     }
@@ -134,6 +141,8 @@ class EngineImpl final : public Engine {
   void begin_step(int64_t step_tokens) override {
     QKD_CHECK(step_tokens > 0, "begin_step: {} tokens", step_tokens);
     step_tokens_ = step_tokens;
+    accumulated_ = false;
+    quantizer_done_ = false;
     mark(nullptr);
     ops_.zero(grad_, plan_.total);
     student_->quantize();
@@ -142,22 +151,29 @@ class EngineImpl final : public Engine {
 
   std::map<std::string, double> phase_ms() const override { return phase_ms_; }
 
-  LossSums accumulate(const int32_t* windows, int n_seqs) override { return run(windows, n_seqs, true); }
+  LossSums accumulate(const int32_t* windows, int n_seqs) override {
+    QKD_CHECK(!(ready_ && accumulated_), "accumulate: a step with a gradient-ready callback (data parallelism) "
+              "takes exactly one accumulate() call");
+    accumulated_ = true;
+    return run(windows, n_seqs, true);
+  }
   LossSums evaluate(const int32_t* windows, int n_seqs) override {
     student_->quantize();
     return run(windows, n_seqs, false);
   }
 
   void quantizer_backward() override {
+    if (quantizer_done_) return;  // done layer by layer during the backward pass
     mark(nullptr);
     student_->quantize_backward();
+    quantizer_done_ = true;
     mark("fake quant backward");
   }
-  double gradient_norm() override { return std::sqrt(ops_.sum_squares(grad_, plan_.total)); }
-  float* device_gradients() override {
-    if constexpr (std::is_same_v<Ops, CudaOps>) return grad_;
-    return nullptr;
-  }
+  double shard_sum_squares() override { return hi_ > lo_ ? ops_.sum_squares(grad_ + lo_, hi_ - lo_) : 0.0; }
+  void set_gradient_ready(GradientReady f) override { ready_ = std::move(f); }
+  Flat flat() override { return Flat{master_, grad_, compute_, sizeof(T)}; }
+  ShardLayout shard() const override { return layout_; }
+  int shard_rank() const override { return opt_.shard_rank; }
   cudaStream_t cuda_stream() override {
     if constexpr (std::is_same_v<Ops, CudaOps>) return ops_.stream();
     return nullptr;
@@ -166,17 +182,20 @@ class EngineImpl final : public Engine {
   void apply(const AdamWStep& s) override {
     mark(nullptr);
     for (const Segment& seg : plan_.segments) {
+      // the part of the segment in this engine's shard (all of it when alone)
+      const int64_t b = std::max(seg.offset, lo_), e = std::min(seg.offset + seg.numel, hi_);
+      if (b >= e) continue;
       const bool is_scale = seg.name.ends_with(".scales") || seg.name.ends_with(".clip");
       AdamWArgs a{};
-      a.param = master_ + seg.offset;
+      a.param = master_ + b;
       a.param_bf16 = nullptr;
       if constexpr (!std::is_same_v<T, float>) {
-        if (seg.compute_copy) a.param_bf16 = compute_ + seg.offset;
+        if (seg.compute_copy) a.param_bf16 = compute_ + b;
       }
-      a.m = m_ + seg.offset;
-      a.v = v_ + seg.offset;
-      a.grad = grad_ + seg.offset;
-      a.n = seg.numel;
+      a.m = m_ + (b - lo_);
+      a.v = v_ + (b - lo_);
+      a.grad = grad_ + b;
+      a.n = e - b;
       a.lr = is_scale ? s.scale_lr : s.lr;
       a.beta1 = s.beta1;
       a.beta2 = s.beta2;
@@ -190,25 +209,28 @@ class EngineImpl final : public Engine {
     mark("adamw");
   }
 
-  void get_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v) override {
-    const int64_t total = plan_.total;
-    master.resize(static_cast<size_t>(total));
-    m.resize(static_cast<size_t>(total));
-    v.resize(static_cast<size_t>(total));
-    ops_.download(master.data(), master_, total);
-    ops_.download(m.data(), m_, total);
-    ops_.download(v.data(), v_, total);
+  void get_master(std::vector<float>& master) override {
+    master.resize(static_cast<size_t>(plan_.total));
+    ops_.download(master.data(), master_, plan_.total);
+  }
+  void get_moments(std::vector<float>& m, std::vector<float>& v) override {
+    const int64_t n = hi_ - lo_;
+    m.resize(static_cast<size_t>(n));
+    v.resize(static_cast<size_t>(n));
+    ops_.download(m.data(), m_, n);
+    ops_.download(v.data(), v_, n);
   }
 
   void set_state(const std::vector<float>& master, const std::vector<float>& m,
                  const std::vector<float>& v) override {
     const int64_t total = plan_.total;
-    QKD_CHECK(static_cast<int64_t>(master.size()) == total && m.size() == master.size() && v.size() == master.size(),
-              "optimizer state holds {} / {} / {} values, the student has {}", master.size(), m.size(), v.size(),
-              total);
+    const auto shard = static_cast<size_t>(hi_ - lo_);
+    QKD_CHECK(static_cast<int64_t>(master.size()) == total && m.size() == shard && v.size() == shard,
+              "optimizer state holds {} / {} / {} values (master / m / v), the student needs {} / {} / {}",
+              master.size(), m.size(), v.size(), total, shard, shard);
     ops_.upload(master_, master.data(), total);
-    ops_.upload(m_, m.data(), total);
-    ops_.upload(v_, v.data(), total);
+    ops_.upload(m_, m.data(), static_cast<int64_t>(shard));
+    ops_.upload(v_, v.data(), static_cast<int64_t>(shard));
     if constexpr (!std::is_same_v<T, float>) {
       for (const Segment& s : plan_.segments)
         if (s.compute_copy) ops_.to_compute(compute_ + s.offset, master.data() + s.offset, s.numel);
@@ -245,7 +267,10 @@ class EngineImpl final : public Engine {
     const int mb = opt_.micro_batch, n = mb * opt_.seq_len;
     begin_step(n);
     Probe p;
+    GradientReady ready = std::move(ready_);  // a probe's gradients stay local
+    ready_ = nullptr;
     p.loss = run(windows, mb, true);
+    ready_ = std::move(ready);
     p.grad = gradients();
     for (int l = 0; l < c.n_layers; ++l) p.layer_out.push_back(to_host(student_->layer_output(l), int64_t{n} * c.dim));
     p.logits.resize(static_cast<size_t>(n) * c.vocab_size);
@@ -374,7 +399,13 @@ class EngineImpl final : public Engine {
       mark("lm head and losses");
       if (ctr) contrastive(xf, train, grad_scale);
       mark("contrastive");
-      if (train) student_->backward(dxf_);
+      if (train) {
+        if (ready_ && b0 + mb >= n_seqs) {
+          backward_last();
+        } else {
+          student_->backward(dxf_);
+        }
+      }
       mark("student backward");
       ops_.download(ce.data(), ce_, n);
       if (kd) ops_.download(kl.data(), kl_, n);
@@ -388,6 +419,24 @@ class EngineImpl final : public Engine {
       sums.rows += valid;
     }
     return sums;
+  }
+
+  // The step's last backward pass with a gradient-ready callback: each layer's quantizer backward runs as soon as
+  // the pass leaves the layer, and its range of the flat buffer is handed on (the layer's segments are contiguous:
+  // make_plan adds them layer by layer), so the reduction of layer l overlaps the backward of layers < l.
+  void backward_last() {
+    const int n_layers = plan_.config.n_layers;
+    auto first = [&](int l) {  // flat offset where layer l's segments begin (the norms are always first)
+      return plan_.segments[static_cast<size_t>(plan_.layers[static_cast<size_t>(l)].attn_norm)].offset;
+    };
+    const int64_t layers_end = plan_.segments[static_cast<size_t>(plan_.norm)].offset;
+    student_->backward(dxf_, [&](int l) {
+      student_->quantize_backward(l);
+      ready_(first(l), l + 1 < n_layers ? first(l + 1) : layers_end);
+    });
+    quantizer_done_ = true;
+    ready_(0, first(0));                   // the embedding (and a tied LM head)
+    ready_(layers_end, plan_.total);       // the final norm and an untied LM head
   }
 
   // Token-level contrastive distillation, one sequence at a time (its negatives are its own other tokens).
@@ -423,7 +472,12 @@ class EngineImpl final : public Engine {
   EngineOptions opt_;
   Plan plan_;
   Plan teacher_plan_;
-  float *master_ = nullptr, *grad_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  float *master_ = nullptr, *grad_ = nullptr, *m_ = nullptr, *v_ = nullptr;  // m_, v_: [hi_ - lo_]
+  ShardLayout layout_;
+  int64_t lo_ = 0, hi_ = 0;  // this engine's optimizer shard
+  GradientReady ready_;
+  bool accumulated_ = false;     // accumulate() ran in this step
+  bool quantizer_done_ = false;  // the quantizer's backward ran in this step
   T* compute_ = nullptr;
   std::vector<Int4Weight> frozen_;
   std::unique_ptr<Transformer<Ops>> student_;
@@ -454,6 +508,16 @@ bool cuda_present() {
 }
 
 }  // namespace
+
+ShardLayout shard_layout(int64_t total, int count) {
+  QKD_CHECK(count >= 1 && total >= 0, "shard_layout: {} floats over {} shards", total, count);
+  ShardLayout s;
+  s.total = total;
+  s.count = count;
+  s.chunk = ((total + count - 1) / count + 63) / 64 * 64;  // 256-byte pieces, like the plan's segments
+  s.padded = s.chunk * count;
+  return s;
+}
 
 std::unique_ptr<Engine> make_engine(const EngineOptions& opt, const Plan& plan, const HostInit& init,
                                     const ModelWeights* teacher) {

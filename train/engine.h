@@ -13,7 +13,10 @@
 // token, its negatives the teacher's states of the other tokens of the same sequence.)
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -41,7 +44,24 @@ struct EngineOptions {
   int micro_batch = 1;  // sequences per forward/backward pass
   int seq_len = 128;
   LossOptions loss;
+  // ZeRO-1: this engine keeps the AdamW moments and updates the master weights of one shard of the flat buffer,
+  // [shard_rank * chunk, ...) with chunk = ceil(total / shard_count) rounded up to 64 floats (Engine::shard()).
+  // The data-parallel engine sets these; a lone engine owns everything (rank 0 of 1).
+  int shard_rank = 0;
+  int shard_count = 1;
 };
+
+// The flat parameter layout split into shard_count chunks of equal size (the collectives need equal pieces); the
+// buffers are padded to shard_count * chunk floats, and the last shards may end early or be empty.
+struct ShardLayout {
+  int64_t total = 0;   // floats of the plan
+  int64_t chunk = 0;   // floats a shard, a multiple of 64
+  int64_t padded = 0;  // chunk * count
+  int count = 1;
+  int64_t lo(int rank) const { return std::min(total, chunk * rank); }
+  int64_t hi(int rank) const { return std::min(total, chunk * (rank + 1)); }
+};
+ShardLayout shard_layout(int64_t total, int count);
 
 struct AdamWStep {
   float lr = 1e-4f;
@@ -73,20 +93,48 @@ class Engine {
     quantizer_backward();
     return gradient_norm();
   }
-  // The two halves of finish_gradients (a data-parallel engine all-reduces the gradients between them; the
-  // quantizer's backward is linear in the gradient it consumes, so the order does not matter).
+  // The two halves of finish_gradients. With a gradient-ready callback set, the quantizer's backward already ran
+  // layer by layer during the last backward pass, and quantizer_backward() does nothing.
   virtual void quantizer_backward() = 0;
-  virtual double gradient_norm() = 0;
-  // CUDA engines: the fp32 gradient buffer [plan().total] on the device, and the stream that writes it.
-  virtual float* device_gradients() { return nullptr; }
+  virtual double gradient_norm() { return std::sqrt(shard_sum_squares()); }
+  // Sum of squares of the gradient over this engine's shard [shard_lo, shard_hi) (the whole buffer when alone).
+  virtual double shard_sum_squares() = 0;
+
+  // Data parallelism (train/data_parallel.h). With a callback set, the engine calls it on its own thread during
+  // the last micro-batch's backward pass of accumulate(), each time a range [lo, hi) of the flat gradient is
+  // final: one range a layer as soon as that layer's backward (and its quantizer backward) is enqueued, then the
+  // embedding, final norm and LM head ranges. The ranges cover [0, total) once a step. CUDA engines call it from
+  // the host when the work that finishes the range has been enqueued on cuda_stream(), not when it has run.
+  // A step then takes exactly one accumulate() call. An empty function removes the callback.
+  using GradientReady = std::function<void(int64_t lo, int64_t hi)>;
+  virtual void set_gradient_ready(GradientReady f) = 0;
+  // The flat buffers, padded to shard().padded elements (host pointers on the CPU, device pointers on CUDA).
+  // compute is the compute-precision copy the forward reads (== master on the fp32 CPU backend).
+  struct Flat {
+    float* master = nullptr;  // [padded]
+    float* grad = nullptr;    // [padded]
+    void* compute = nullptr;  // [padded] of compute_bytes each
+    size_t compute_bytes = 4;
+  };
+  virtual Flat flat() = 0;
+  virtual ShardLayout shard() const = 0;
+  virtual int shard_rank() const { return 0; }
+  // CUDA engines: the stream that runs the engine's work (null on the CPU).
   virtual cudaStream_t cuda_stream() { return nullptr; }
+  // AdamW on this engine's shard of the master weights (the whole buffer when alone).
   virtual void apply(const AdamWStep& s) = 0;
   // Validation: losses (no gradients) of the current weights, same loss definitions, unweighted sums. Any positive
   // n_seqs: a last partial micro-batch is padded inside and its padding rows are left out of the sums.
   virtual LossSums evaluate(const int32_t* windows, int n_seqs) = 0;
 
-  // Optimizer state as host copies (the checkpoint), and back.
-  virtual void get_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v) = 0;
+  // Optimizer state as host copies (the checkpoint), and back. master is always the whole flat buffer [total];
+  // m and v are the engine's shard [shard_hi - shard_lo] (the whole buffer for a lone or a data-parallel engine).
+  void get_state(std::vector<float>& master, std::vector<float>& m, std::vector<float>& v) {
+    get_master(master);
+    get_moments(m, v);
+  }
+  virtual void get_master(std::vector<float>& master) = 0;
+  virtual void get_moments(std::vector<float>& m, std::vector<float>& v) = 0;
   virtual void set_state(const std::vector<float>& master, const std::vector<float>& m,
                          const std::vector<float>& v) = 0;
   // The frozen layers' int4 weights as the backend holds them now (for the bit-identity check).

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "kernels/error.h"
@@ -144,15 +145,18 @@ class Transformer {
   }
 
   // d wq (accumulated in dw over the step's micro-batches) -> the STE weight gradient (in place), and the scale
-  // and clip gradients. Once per optimizer step, after the last backward pass.
+  // and clip gradients. Once per optimizer step, after the last backward pass: for every layer at the end, or
+  // layer by layer as the last backward pass leaves each one (data parallelism, train/data_parallel.h).
   void quantize_backward() {
-    for (auto& l : w_.layers)
-      for (auto& lin : l.lin)
-        if (lin.kind == LinearKind::Quantized && lin.dw != nullptr) {
-          FakeQuantBackwardArgs a{lin.dw, lin.dscale, lin.dclip, lin.dw,  lin.master,     lin.scale,
-                                  lin.clip, lin.n,   lin.k,     lin.group_size, lin.bits, clip_scratch_};
-          ops_.fake_quant_backward(a);
-        }
+    for (int l = 0; l < c_.n_layers; ++l) quantize_backward(l);
+  }
+  void quantize_backward(int layer) {
+    for (auto& lin : w_.layers[static_cast<size_t>(layer)].lin)
+      if (lin.kind == LinearKind::Quantized && lin.dw != nullptr) {
+        FakeQuantBackwardArgs a{lin.dw, lin.dscale, lin.dclip, lin.dw,  lin.master,     lin.scale,
+                                lin.clip, lin.n,   lin.k,     lin.group_size, lin.bits, clip_scratch_};
+        ops_.fake_quant_backward(a);
+      }
   }
 
   // tokens: host [batch, seq]. Leaves the final hidden state in xf().
@@ -189,7 +193,8 @@ class Transformer {
   }
 
   // dxf: [n, dim], the loss's gradient with respect to xf (consumed). Accumulates every weight gradient.
-  void backward(const T* dxf) {
+  // after_layer(l), when given, runs once layer l's weight gradients are all enqueued (layers in reverse order).
+  void backward(const T* dxf, const std::function<void(int)>& after_layer = {}) {
     QKD_CHECK(save_ == Save::Yes, "Transformer::backward on a model built without saved activations");
     const ModelConfig& c = c_;
     const int n = n_, dim = c.dim, ffn = c.ffn_dim;
@@ -223,6 +228,7 @@ class Transformer {
       linear_wgrad(lw.lin[K], dk_, a.h1, n);
       linear_wgrad(lw.lin[V], dv_, a.h1, n);
       ops_.rmsnorm_backward({dres_, lw.d_attn_norm, dh_, res, lw.attn_norm, a.rstd1, n, dim, scratch_});
+      if (after_layer) after_layer(l);
     }
     if (w_.d_embed != nullptr) ops_.embedding_backward({w_.d_embed, dres_, tokens_, n, dim, c.vocab_size});
   }
