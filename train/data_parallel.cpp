@@ -246,12 +246,15 @@ class DataParallelEngine final : public Engine {
 
   LossSums accumulate(const int32_t* windows, int n_seqs) override {
     QKD_CHECK(n_seqs > 0 && n_seqs % n_ == 0, "{} sequences do not split evenly over {} ranks", n_seqs, n_);
-    // A rank that failed on a bad token would leave the others waiting in the exchange: check every token first.
+    // A rank that failed on a bad token would leave the others waiting in the exchange: check every token first,
+    // as the engines would (inputs in [0, vocab); a target may also be negative, which the losses skip).
     const int vocab = plan().config.vocab_size;
     const int64_t count = static_cast<int64_t>(n_seqs) * window_len_;
-    for (int64_t i = 0; i < count; ++i)
-      QKD_CHECK(windows[i] >= 0 && windows[i] < vocab, "token {} at index {} is outside the vocabulary [0, {})",
-                windows[i], i, vocab);
+    for (int64_t i = 0; i < count; ++i) {
+      const bool input = i % window_len_ != window_len_ - 1, target = i % window_len_ != 0;
+      QKD_CHECK(windows[i] < vocab && (windows[i] >= 0 || (target && !input)),
+                "token {} at index {} is outside the vocabulary [0, {})", windows[i], i, vocab);
+    }
     const int per = n_seqs / n_;
     std::vector<LossSums> part(static_cast<size_t>(n_));
     parallel([&](int r) {
