@@ -1,9 +1,9 @@
 // CUDA decode attention (kernels/decode_attention.h): causal GQA over the KV cache for few query tokens, the
-// context split across CTAs, then a combine kernel. bf16 operands, fp32 math.
+// context split across CTAs, merged by the last CTA of each kv head. bf16 operands, fp32 math.
 //   out[b,i,h,:] = sum_{j <= p} softmax_j(scale * q . k_j) * v_j          (out overwritten)
 //   lse[b,h,i]   = log sum_{j <= p} exp(scale * q . k_j)                  (written when lse != nullptr)
 //
-// Split kernel: grid (n_splits, n_kv_heads, batch). A CTA streams its slice of one kv head's keys/values in
+// One kernel, grid (n_splits, n_kv_heads, batch). A CTA streams its slice of one kv head's keys/values in
 // tiles of 64 through a cp.async double buffer, and serves every query row that reads that kv head: the
 // (n_heads / n_kv_heads) heads of the GQA group times seq_len tokens, so each key/value byte crosses the memory
 // bus once per step. With one to a few dozen query rows the math is small next to the bytes (about rows flops
@@ -12,9 +12,13 @@
 //   softmax: an online softmax per row (a group of lanes per row), in the log2 domain;
 //   P.V:     each thread owns 8 output columns of RPT rows, and, when there are few rows, one of several key
 //            slices (partial sums added at the end), so even a single row keeps all 128 threads busy.
-// Each split writes a normalised partial output and its log-sum-exp; the combine kernel (one warp per output
-// row) weights the partials by exp(lse_s - lse) and writes bf16 out and lse. With one split the split kernel
-// writes the result itself.
+// With one split the CTA writes the result itself. With several, each CTA writes a normalised partial output
+// and its log-sum-exp to the workspace and counts itself done on a per-(batch row, kv head) counter; the CTA
+// that counts last merges the n_splits partials of its rows (weights exp(lse_s - lse)) into bf16 out and lse
+// ("last block finishes", as in the CUDA programming guide's __threadfence example). That saves the separate
+// combine launch a decode step used to pay per layer: each kernel boundary in a replayed graph drains the GPU
+// and ramps it up again, a few microseconds, which a 7B step paid 32 times. The counters reset themselves
+// (atomicInc wraps to 0 on the last count), so graph replays need no memset; the caller zeroes them once.
 //
 // Forward only (decode has no backward).
 #include <algorithm>
@@ -35,7 +39,13 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kTile = 64;       // keys per pipeline stage: 16 KB of K+V per stage at head_dim 128
 constexpr int kMaxRows = 128;   // query rows per kv head: GQA 8 x 16 tokens
-constexpr int kMaxSplits = 64;
+constexpr int kMaxSplits = 64;  // at most kTile: the merge stages [rows][n_splits] lse in the [rows][kTile] scores
+// Counters at the start of the workspace, a fixed number for every plan so that plans sharing a workspace (the
+// runtime keeps one for its batch-1 and its batch-N plan) agree where they are and no plan's partials overwrite
+// another's counters. A plan splits only when batch * n_kv_heads < 2 * SMs, so 4096 serve any GPU below 2048 SMs.
+constexpr int kCounterSlots = 4096;
+constexpr size_t kCounterBytes = kCounterSlots * sizeof(unsigned int);  // a multiple of 16: partials stay aligned
+static_assert(kMaxSplits <= kTile, "the merge stages the split lse in the score buffer");
 constexpr float kLn2 = 0.69314718f;
 constexpr float kLog2e = 1.44269504f;
 
@@ -49,6 +59,7 @@ struct SplitParams {
   float scale_log2;    // scale * log2(e)
   float* part_out;     // [batch, seq_len, n_heads, n_splits, head_dim]  (n_splits > 1)
   float* part_lse;     // [batch, seq_len, n_heads, n_splits], log2 domain
+  unsigned int* counters;  // [batch, n_kv_heads] CTAs of (b, kv head) done, 0 between launches (n_splits > 1)
 };
 
 __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
@@ -66,6 +77,37 @@ constexpr int kv_stride() {
   return D + 8;  // 16 bytes of padding: 8 consecutive rows read at one column hit 8 different bank quads
 }
 
+// Shared memory of one CTA, carved from the dynamic allocation.
+struct SplitSmem {
+  __nv_bfloat16* k;  // [2][kTile][S]
+  __nv_bfloat16* v;  // [2][kTile][S]
+  float* q;          // [rows][D]
+  float* p;          // [rows][kTile] scores, then probabilities; in the merge [rows][n_splits] split lse
+  float* m;          // [rows] running max (log2 domain)
+  float* l;          // [rows] running denominator
+  float* alpha;      // [rows] this tile's rescale factor
+};
+
+template <int D>
+__device__ __forceinline__ SplitSmem split_smem(unsigned char* raw, int rows) {
+  constexpr int S = kv_stride<D>();
+  SplitSmem s;
+  s.k = reinterpret_cast<__nv_bfloat16*>(raw);
+  s.v = s.k + 2 * kTile * S;
+  s.q = reinterpret_cast<float*>(s.v + 2 * kTile * S);
+  s.p = s.q + rows * D;
+  s.m = s.p + rows * kTile;
+  s.l = s.m + rows;
+  s.alpha = s.l + rows;
+  return s;
+}
+
+// Index of split 0 of CTA (b, g)'s query row r in the partial arrays: rows are [b, i, h], splits innermost.
+__device__ __forceinline__ int64_t partial_base(const AttentionArgs<__nv_bfloat16>& a, const SplitParams& p, int b,
+                                                int g, int r) {
+  return ((static_cast<int64_t>(b) * a.seq_len + r / p.group) * a.n_heads + g * p.group + r % p.group) * p.n_splits;
+}
+
 template <int D>
 size_t split_smem_bytes(int rows) {
   return 4 * kTile * kv_stride<D>() * sizeof(__nv_bfloat16)   // K, V double buffers
@@ -78,38 +120,16 @@ size_t split_smem_bytes(int rows) {
 
 // ---------------------------------------------------------------------------------------------------- forward
 
+// One CTA's slice [k_begin, k_end) of kv head g of sequence b, for all its query rows: with one split the final
+// out and lse, otherwise a normalised partial output and its log-sum-exp (log2 domain) at split `split`.
 template <int D, int RPT>
-static __global__ void __launch_bounds__(kThreads)
-    decode_attention_split_kernel(const AttentionArgs<__nv_bfloat16> a, const SplitParams p) {
+__device__ __forceinline__ void attend_slice(const AttentionArgs<__nv_bfloat16>& a, const SplitParams& p,
+                                             const SplitSmem& sm, int b, int g, int split, int k_begin, int k_end) {
   constexpr int S = kv_stride<D>();
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __nv_bfloat16* s_k = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // [2][kTile][S]
-  __nv_bfloat16* s_v = s_k + 2 * kTile * S;                          // [2][kTile][S]
-  float* s_q = reinterpret_cast<float*>(s_v + 2 * kTile * S);        // [rows][D]
-  float* s_p = s_q + p.rows * D;                                     // [rows][kTile]
-  float* s_m = s_p + p.rows * kTile;                                 // [rows] running max (log2 domain)
-  float* s_l = s_m + p.rows;                                         // [rows] running denominator
-  float* s_alpha = s_l + p.rows;                                     // [rows] this tile's rescale factor
-
-  const int split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
   const int h0 = g * p.group;
   const int start = a.start_pos[b];
-  const int ctx = start + a.seq_len;
-  // The live context divided evenly between the planned splits, in whole tiles.
-  const int chunk = ((ctx + p.n_splits - 1) / p.n_splits + kTile - 1) / kTile * kTile;
-  const int k_begin = split * chunk;
-  const int k_end = min(ctx, k_begin + chunk);
-  auto partial_index = [&](int r) {
-    return ((static_cast<int64_t>(b) * a.seq_len + r / p.group) * a.n_heads + h0 + r % p.group) * p.n_splits +
-           split;
-  };
-  if (k_begin >= k_end) {  // a split past the live context (n_splits > 1 only: split 0 always holds key 0)
-    for (int r = tid; r < p.rows; r += kThreads) p.part_lse[partial_index(r)] = -INFINITY;
-    return;
-  }
-
   const __nv_bfloat16* k = a.k + b * a.kv_batch_stride + g * a.kv_head_stride;
   const __nv_bfloat16* v = a.v + b * a.kv_batch_stride + g * a.kv_head_stride;
   const int n_tiles = (k_end - k_begin + kTile - 1) / kTile;
@@ -119,8 +139,8 @@ static __global__ void __launch_bounds__(kThreads)
       const int r = c / kChunks, col = (c % kChunks) * 8;
       const bool valid = j0 + r < k_end;  // zero-fill past the slice: 0 * garbage could be NaN
       const int64_t off = static_cast<int64_t>(j0 + r) * a.kv_seq_stride + col;
-      cp_async_16(s_k + (stage * kTile + r) * S + col, valid ? k + off : k, valid);
-      cp_async_16(s_v + (stage * kTile + r) * S + col, valid ? v + off : v, valid);
+      cp_async_16(sm.k + (stage * kTile + r) * S + col, valid ? k + off : k, valid);
+      cp_async_16(sm.v + (stage * kTile + r) * S + col, valid ? v + off : v, valid);
     }
   };
   load_kv(0, 0);
@@ -133,12 +153,12 @@ static __global__ void __launch_bounds__(kThreads)
         ((static_cast<int64_t>(b) * a.seq_len + r / p.group) * a.n_heads + h0 + r % p.group) * D + col;
     float f[8];
     unpack8(*reinterpret_cast<const uint4*>(a.q + q_off), f);
-    *reinterpret_cast<float4*>(s_q + r * D + col) = make_float4(f[0], f[1], f[2], f[3]);
-    *reinterpret_cast<float4*>(s_q + r * D + col + 4) = make_float4(f[4], f[5], f[6], f[7]);
+    *reinterpret_cast<float4*>(sm.q + r * D + col) = make_float4(f[0], f[1], f[2], f[3]);
+    *reinterpret_cast<float4*>(sm.q + r * D + col + 4) = make_float4(f[4], f[5], f[6], f[7]);
   }
   for (int r = tid; r < p.rows; r += kThreads) {
-    s_m[r] = -INFINITY;
-    s_l[r] = 0.0f;
+    sm.m[r] = -INFINITY;
+    sm.l[r] = 0.0f;
   }
 
   // P.V roles: 8 output columns (chunk) x a row lane x a key slice.
@@ -161,15 +181,15 @@ static __global__ void __launch_bounds__(kThreads)
     cp_async_commit();
     cp_async_wait<1>();  // everything but the tile just requested has landed
     __syncthreads();
-    const __nv_bfloat16* k_s = s_k + (t & 1) * kTile * S;
-    const __nv_bfloat16* v_s = s_v + (t & 1) * kTile * S;
+    const __nv_bfloat16* k_s = sm.k + (t & 1) * kTile * S;
+    const __nv_bfloat16* v_s = sm.v + (t & 1) * kTile * S;
     const int j0 = k_begin + t * kTile;
 
     // Scores. Consecutive threads take consecutive keys of one row: the q reads are broadcasts and the padded
     // K rows keep the 16-byte reads free of bank conflicts.
     for (int pi = tid; pi < p.rows * kTile; pi += kThreads) {
       const int r = pi / kTile, key = pi % kTile;
-      const float* qr = s_q + r * D;
+      const float* qr = sm.q + r * D;
       const __nv_bfloat16* kr = k_s + key * S;
       float dot = 0.0f;
 #pragma unroll
@@ -183,19 +203,19 @@ static __global__ void __launch_bounds__(kThreads)
       }
       const int j = j0 + key;
       const bool visible = j < k_end && j <= start + r / p.group;
-      s_p[r * kTile + key] = visible ? dot * p.scale_log2 : -INFINITY;
+      sm.p[r * kTile + key] = visible ? dot * p.scale_log2 : -INFINITY;
     }
     __syncthreads();
 
     // Online softmax. Every thread runs the shuffles (full-warp masks); only rows that exist touch memory.
     {
-      float* pr = s_p + sm_row * kTile;
+      float* pr = sm.p + sm_row * kTile;
       float mx = -INFINITY;
       if (sm_active) {
         for (int key = sm_sub; key < kTile; key += lpr) mx = fmaxf(mx, pr[key]);
       }
       for (int o = lpr / 2; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = sm_active ? s_m[sm_row] : -INFINITY;
+      const float m_old = sm_active ? sm.m[sm_row] : -INFINITY;
       const float m_new = fmaxf(m_old, mx);
       // A row sees no key at all in a slice that begins after its position: keep the base finite so that
       // exp2(-inf - (-inf)) never makes a NaN; its probabilities and alpha then come out 0.
@@ -209,15 +229,15 @@ static __global__ void __launch_bounds__(kThreads)
         }
       }
       for (int o = lpr / 2; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      // The row group's reads of s_m[sm_row] (above) must be ordered before its first lane overwrites it. The
+      // The row group's reads of sm.m[sm_row] (above) must be ordered before its first lane overwrites it. The
       // shuffles converge the warp but do not order shared memory: compute-sanitizer racecheck reported this
       // read/write pair (43 warnings in test_gpu_attention, H200, 2026-12-04). Every lane gets here.
       __syncwarp();
       if (sm_active && sm_sub == 0) {
         const float alpha = exp2f(m_old - base);
-        s_alpha[sm_row] = alpha;
-        s_l[sm_row] = s_l[sm_row] * alpha + sum;
-        s_m[sm_row] = m_new;
+        sm.alpha[sm_row] = alpha;
+        sm.l[sm_row] = sm.l[sm_row] * alpha + sum;
+        sm.m[sm_row] = m_new;
       }
     }
     __syncthreads();
@@ -227,7 +247,7 @@ static __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < RPT; ++u) {
         const int r = row_lane + u * p.row_lanes;
         if (r < p.rows) {
-          const float alpha = s_alpha[r];
+          const float alpha = sm.alpha[r];
 #pragma unroll
           for (int e = 0; e < 8; ++e) acc[u][e] *= alpha;
         }
@@ -239,7 +259,7 @@ static __global__ void __launch_bounds__(kThreads)
         for (int u = 0; u < RPT; ++u) {
           const int r = row_lane + u * p.row_lanes;
           if (r < p.rows) {
-            const float pk = s_p[r * kTile + key];
+            const float pk = sm.p[r * kTile + key];
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[u][e] += pk * vf[e];
           }
@@ -252,7 +272,7 @@ static __global__ void __launch_bounds__(kThreads)
   if (p.key_slices > 1) {
     // Key slices exist only with RPT == 1 (the plan picks the fewest rows per thread), so the partial sums,
     // key_slices * rows * D floats <= 128 * 8 floats, fit in the now idle K buffers.
-    float* red = reinterpret_cast<float*>(s_k);
+    float* red = reinterpret_cast<float*>(sm.k);
     const int r = row_lane;
     if (pv_active && key_slice > 0 && r < p.rows) {
       float* dst = red + (static_cast<int64_t>(key_slice) * p.rows + r) * D + chunk_col;
@@ -275,7 +295,7 @@ static __global__ void __launch_bounds__(kThreads)
     const int r = row_lane + u * p.row_lanes;
     if (r >= p.rows) continue;
     const int i = r / p.group, h = h0 + r % p.group;
-    const float l = s_l[r], m = s_m[r];
+    const float l = sm.l[r], m = sm.m[r];
     if (p.n_splits == 1) {  // the only split holds key 0: l > 0
       const float inv = 1.0f / l;
       uint4 packed;
@@ -288,7 +308,7 @@ static __global__ void __launch_bounds__(kThreads)
         a.lse[(static_cast<int64_t>(b) * a.n_heads + h) * a.seq_len + i] = (m + log2f(l)) * kLn2;
       }
     } else {
-      const int64_t idx = partial_index(r);
+      const int64_t idx = partial_base(a, p, b, g, r) + split;
       const float inv = l > 0.0f ? 1.0f / l : 0.0f;
       float* dst = p.part_out + idx * D + chunk_col;
       *reinterpret_cast<float4*>(dst) =
@@ -300,41 +320,95 @@ static __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One warp per output row (b, i, h): out = sum_s 2^(lse_s - lse) out_s, lse = log2 sum_s 2^lse_s.
+// The merge of CTA (b, g)'s rows, by whichever of the n_splits CTAs of (b, g) finishes last; the others return.
+//
+// Memory ordering (PTX memory model, fence-fence synchronisation through the counter):
+//  * release: the barrier orders every thread's partial stores before thread 0's __threadfence() (fence.sc.gpu,
+//    cumulative: it covers the writes the barrier made visible to thread 0), and the fence orders them before
+//    thread 0's increment of the counter;
+//  * acquire: the CTA whose increment reads n_splits - 1 has read the increments of all other CTAs of (b, g)
+//    (one RMW chain); thread 0's second __threadfence() orders that read before everything its CTA does after the
+//    following barrier, so the merge sees every CTA's partials. The merge also reads them with ld.global.cg (L2,
+//    the GPU's point of coherence), so no line this SM's L1 may hold can stand in for them.
+// The counter resets itself: atomicInc(ctr, n_splits - 1) stores 0 when it reads n_splits - 1, i.e. exactly on
+// the last count, so the next launch (or graph replay) starts from 0 with no store and no memset. The next
+// launch is ordered after this one by the stream, so no CTA of it can see a count of this one.
+//
+// The arithmetic is the former combine kernel's, term for term: the max of the split lse, then in split order,
+// skipping empty splits, w = 2^(lse_s - max), w_sum += w, acc += w * out_s (one fma), out = bf16(acc / w_sum)
+// with the division as acc * (1 / w_sum), lse = (max + log2 w_sum) ln 2; so out and lse equal the two-kernel
+// result bit for bit. Threads now take single columns instead of a warp taking a row, which changes no operation
+// on any one output.
 template <int D>
-static __global__ void decode_attention_combine_kernel(const AttentionArgs<__nv_bfloat16> a, const float* part_out,
-                                                       const float* part_lse, int n_splits) {
-  constexpr int E = D / 32;  // columns per lane
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= static_cast<int64_t>(a.batch) * a.seq_len * a.n_heads) return;
-  const int lane = threadIdx.x % 32;
-  const float* lse = part_lse + row * n_splits;
-  float mx = -INFINITY;
-  for (int s = lane; s < n_splits; s += 32) mx = fmaxf(mx, lse[s]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  // mx is finite: split 0 holds key 0, which every row sees.
-  float acc[E] = {};
-  float w_sum = 0.0f;
-  for (int s = 0; s < n_splits; ++s) {
-    const float ls = lse[s];
-    if (ls == -INFINITY) continue;  // an empty split: its partial output was never written
-    const float w = exp2f(ls - mx);
-    w_sum += w;
-    const float* po = part_out + (row * n_splits + s) * D + lane * E;
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += w * po[e];
+__device__ __forceinline__ void merge_if_last(const AttentionArgs<__nv_bfloat16>& a, const SplitParams& p,
+                                              const SplitSmem& sm, int b, int g) {
+  __shared__ bool s_last;
+  __syncthreads();  // every thread's partial stores (attend_slice, or the empty split's lse) are done
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned int done_before =
+        atomicInc(p.counters + static_cast<int64_t>(b) * a.n_kv_heads + g, static_cast<unsigned>(p.n_splits - 1));
+    __threadfence();
+    s_last = done_before == static_cast<unsigned>(p.n_splits - 1);
   }
-  const float inv = 1.0f / w_sum;
-  __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(a.out + row * D + lane * E);
-#pragma unroll
-  for (int e = 0; e < E / 2; ++e) out[e] = __floats2bfloat162_rn(acc[2 * e] * inv, acc[2 * e + 1] * inv);
-  if (a.lse != nullptr && lane == 0) {
-    const int h = static_cast<int>(row % a.n_heads);
-    const int64_t bi = row / a.n_heads;  // b * seq_len + i
-    const int64_t b = bi / a.seq_len, i = bi % a.seq_len;
-    a.lse[(b * a.n_heads + h) * a.seq_len + i] = (mx + log2f(w_sum)) * kLn2;
+  __syncthreads();
+  if (!s_last) return;
+
+  // Stage the rows' split lse, [rows][n_splits], in the idle score buffer (n_splits <= kTile).
+  const int n = p.n_splits;
+  float* s_lse = sm.p;
+  for (int idx = threadIdx.x; idx < p.rows * n; idx += kThreads) {
+    const int r = idx / n, s = idx % n;
+    s_lse[idx] = __ldcg(p.part_lse + partial_base(a, p, b, g, r) + s);
   }
+  __syncthreads();
+
+  // One output column of one row per thread and step: consecutive threads read consecutive columns of a split.
+  for (int idx = threadIdx.x; idx < p.rows * D; idx += kThreads) {
+    const int r = idx / D, col = idx % D;
+    const float* lse = s_lse + r * n;
+    float mx = -INFINITY;
+    for (int s = 0; s < n; ++s) mx = fmaxf(mx, lse[s]);
+    // mx is finite: split 0 holds key 0, which every row sees.
+    const float* po = p.part_out + partial_base(a, p, b, g, r) * D + col;
+    float acc = 0.0f, w_sum = 0.0f;
+    for (int s = 0; s < n; ++s) {
+      const float ls = lse[s];
+      if (ls == -INFINITY) continue;  // an empty split: its partial output was never written
+      const float w = exp2f(ls - mx);
+      w_sum += w;
+      acc += w * __ldcg(po + static_cast<int64_t>(s) * D);
+    }
+    const float inv = 1.0f / w_sum;
+    const int i = r / p.group, h = g * p.group + r % p.group;
+    a.out[((static_cast<int64_t>(b) * a.seq_len + i) * a.n_heads + h) * D + col] = __float2bfloat16_rn(acc * inv);
+    if (a.lse != nullptr && col == 0) {
+      a.lse[(static_cast<int64_t>(b) * a.n_heads + h) * a.seq_len + i] = (mx + log2f(w_sum)) * kLn2;
+    }
+  }
+}
+
+// Minimum CTAs per SM: with the merge in the kernel, ptxas aimed the 8-rows-per-thread kernels at 128 registers
+// and spilled (12 bytes at head_dim 128). Kernels of 8 or 16 rows per thread serve over 32 rows, whose shared
+// memory (70 KB and up) allows at most three CTAs per SM; "at least one" lets ptxas take about 150 registers, which
+// still fit three. 0 gives no hint (no .minnctapersm): the smaller kernels keep ptxas's own choice.
+template <int D, int RPT>
+static __global__ void __launch_bounds__(kThreads, RPT >= 8 ? 1 : 0)
+    decode_attention_split_kernel(const AttentionArgs<__nv_bfloat16> a, const SplitParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const SplitSmem sm = split_smem<D>(smem_raw, p.rows);
+  const int split = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+  const int ctx = a.start_pos[b] + a.seq_len;
+  // The live context divided evenly between the planned splits, in whole tiles.
+  const int chunk = ((ctx + p.n_splits - 1) / p.n_splits + kTile - 1) / kTile * kTile;
+  const int k_begin = split * chunk;
+  const int k_end = min(ctx, k_begin + chunk);
+  if (k_begin < k_end) {
+    attend_slice<D, RPT>(a, p, sm, b, g, split, k_begin, k_end);
+  } else {  // a split past the live context (n_splits > 1 only: split 0 always holds key 0): an empty partial
+    for (int r = threadIdx.x; r < p.rows; r += kThreads) p.part_lse[partial_base(a, p, b, g, r) + split] = -INFINITY;
+  }
+  if (p.n_splits > 1) merge_if_last<D>(a, p, sm, b, g);
 }
 
 namespace {
@@ -388,14 +462,6 @@ void launch(const AttentionArgs<__nv_bfloat16>& a, SplitParams p, cudaStream_t s
     case 16: launch_split<D, 16>(a, p, stream); break;
     default: fail("decode_attention: {} rows per thread is out of range (rows {})", rpt, p.rows);
   }
-  if (p.n_splits > 1) {
-    constexpr int kRowsPerBlock = 4;  // one warp per output row
-    const int64_t rows = static_cast<int64_t>(a.batch) * a.seq_len * a.n_heads;
-    const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-    decode_attention_combine_kernel<D><<<blocks, 32 * kRowsPerBlock, 0, stream>>>(a, p.part_out, p.part_lse,
-                                                                                   p.n_splits);
-    KERNEL_CHECK();
-  }
 }
 
 }  // namespace
@@ -421,8 +487,12 @@ DecodeAttentionPlan decode_attention_plan(int batch, int seq_len, int n_heads, i
   n_splits = std::clamp<int64_t>(n_splits, 1, kMaxSplits);
   plan.n_splits = static_cast<int>(n_splits);
   if (plan.n_splits > 1) {
-    plan.workspace_bytes = static_cast<size_t>(batch) * seq_len * n_heads * plan.n_splits * (head_dim + 1) *
-                           sizeof(float);
+    QKD_CHECK(work <= kCounterSlots,
+              "decode_attention_plan: batch {} x n_kv_heads {} = {} split (batch, kv head) pairs exceed the {} "
+              "counters", batch, n_kv_heads, work, kCounterSlots);
+    plan.counter_bytes = kCounterBytes;
+    plan.workspace_bytes = kCounterBytes + static_cast<size_t>(batch) * seq_len * n_heads * plan.n_splits *
+                                               (head_dim + 1) * sizeof(float);
   }
   return plan;
 }
@@ -441,6 +511,10 @@ void decode_attention_forward(const AttentionArgs<__nv_bfloat16>& a, const Decod
   QKD_CHECK(plan.n_splits == 1 || workspace != nullptr,
             "decode_attention_forward: the plan has {} splits and needs {} bytes of workspace, got null",
             plan.n_splits, plan.workspace_bytes);
+  QKD_CHECK(plan.n_splits == 1 || (plan.counter_bytes == kCounterBytes &&
+                                   static_cast<int64_t>(a.batch) * a.n_kv_heads <= kCounterSlots),
+            "decode_attention_forward: plan counter_bytes {} (want {}) or batch {} x n_kv_heads {} (at most {}) "
+            "invalid", plan.counter_bytes, kCounterBytes, a.batch, a.n_kv_heads, kCounterSlots);
   QKD_CHECK(a.kv_seq_stride >= a.head_dim && a.kv_head_stride >= a.head_dim && a.kv_batch_stride >= 0,
             "decode_attention_forward: kv strides (batch {}, head {}, seq {}) are invalid for head_dim {}",
             a.kv_batch_stride, a.kv_head_stride, a.kv_seq_stride, a.head_dim);
@@ -462,8 +536,10 @@ void decode_attention_forward(const AttentionArgs<__nv_bfloat16>& a, const Decod
   p.n_splits = plan.n_splits;
   p.scale_log2 = a.scale * kLog2e;
   if (plan.n_splits > 1) {
-    // Laid out for the plan's largest step; a smaller step uses a prefix of each array.
-    p.part_out = static_cast<float*>(workspace);
+    // The counters first (a fixed region, see kCounterSlots), then the partials, laid out for the plan's largest
+    // step; a smaller step uses a prefix of each array.
+    p.counters = static_cast<unsigned int*>(workspace);
+    p.part_out = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + kCounterBytes);
     p.part_lse = p.part_out + static_cast<size_t>(plan.batch) * plan.seq_len * plan.n_heads * plan.n_splits *
                                   plan.head_dim;
   }

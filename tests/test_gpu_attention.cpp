@@ -6,12 +6,15 @@
 // out and lse are poisoned with NaN first, and the cache past each sequence's context holds NaN, so a kernel that
 // skips an output or reads a key it should not fails. Bounds: out is a softmax average of bf16 values with the
 // probabilities rounded to bf16 for the tensor cores (prefill) and the result rounded to bf16, so
-// ||out - ref|| / ||ref|| <= 1e-2; lse is fp32 throughout, |lse - ref| <= 1e-4 (1 + |ref|).
+// ||out - ref|| / ||ref|| <= 1e-2; lse is fp32 throughout, |lse - ref| <= 1e-4 (1 + |ref|). Decode plans that
+// split are also launched repeatedly, from a replayed CUDA graph, and two plans alternately on one workspace, to
+// show that the merge counters reset.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -59,9 +62,28 @@ std::string describe(const Case& c) {
                      starts, c.layout == Layout::Cache ? "cache" : "contiguous", c.plan_max_ctx);
 }
 
-void run_case(const Case& c) {
-  INFO(describe(c));
-  const int batch = static_cast<int>(c.start_pos.size());
+// One case's inputs on the host and the device, the twin's result, and the CUDA op's arguments.
+struct Problem {
+  Case c;
+  int batch = 0;
+  size_t q_count = 0, lse_count = 0;
+  std::vector<float> out_ref, lse_ref;
+  std::unique_ptr<DeviceArray<uint16_t>> d_q, d_k, d_v, d_out;
+  std::unique_ptr<DeviceArray<float>> d_lse;
+  std::unique_ptr<DeviceArray<int32_t>> d_start;
+  AttentionArgs<__nv_bfloat16> args{};
+
+  explicit Problem(const Case& cs);
+  // out and lse all NaN, so that an output a launch skips shows up.
+  void poison_outputs() const {
+    d_out->poison();
+    d_lse->poison();
+  }
+  // Compares out (and lse) with the twin; MESSAGE reports the errors.
+  void check() const;
+};
+
+Problem::Problem(const Case& cs) : c(cs), batch(static_cast<int>(cs.start_pos.size())) {
   const int D = c.head_dim;
   int max_ctx = 0;
   for (int32_t s : c.start_pos) max_ctx = std::max(max_ctx, s + c.seq_len);
@@ -89,7 +111,7 @@ void run_case(const Case& c) {
   }
 
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const size_t q_count = static_cast<size_t>(batch) * c.seq_len * c.n_heads * D;
+  q_count = static_cast<size_t>(batch) * c.seq_len * c.n_heads * D;
   std::vector<uint16_t> q_bits(q_count), k_bits(kv_count, kBf16NaN), v_bits(kv_count, kBf16NaN);
   std::vector<float> q(q_count), k(kv_count, NAN), v(kv_count, NAN);
   for (size_t i = 0; i < q_count; ++i) {
@@ -110,8 +132,9 @@ void run_case(const Case& c) {
     }
   }
 
-  const size_t lse_count = static_cast<size_t>(batch) * c.n_heads * c.seq_len;
-  std::vector<float> out_ref(q_count), lse_ref(lse_count);
+  lse_count = static_cast<size_t>(batch) * c.n_heads * c.seq_len;
+  out_ref.resize(q_count);
+  lse_ref.resize(lse_count);
   ref.out = out_ref.data();
   ref.q = q.data();
   ref.k = k.data();
@@ -120,18 +143,19 @@ void run_case(const Case& c) {
   ref.start_pos = c.start_pos.data();
   cpu::attention_forward(ref);
 
-  DeviceArray<uint16_t> d_q(q_bits), d_k(k_bits), d_v(v_bits), d_out(q_count);
-  DeviceArray<float> d_lse(lse_count);
-  DeviceArray<int32_t> d_start(c.start_pos);
-  d_out.poison();
-  d_lse.poison();
-  AttentionArgs<__nv_bfloat16> args{};
-  args.out = d_out.bf16();
-  args.q = d_q.bf16();
-  args.k = d_k.bf16();
-  args.v = d_v.bf16();
-  args.lse = c.with_lse ? d_lse.ptr : nullptr;
-  args.start_pos = d_start.ptr;
+  d_q = std::make_unique<DeviceArray<uint16_t>>(q_bits);
+  d_k = std::make_unique<DeviceArray<uint16_t>>(k_bits);
+  d_v = std::make_unique<DeviceArray<uint16_t>>(v_bits);
+  d_out = std::make_unique<DeviceArray<uint16_t>>(q_count);
+  d_lse = std::make_unique<DeviceArray<float>>(lse_count);
+  d_start = std::make_unique<DeviceArray<int32_t>>(c.start_pos);
+  poison_outputs();
+  args.out = d_out->bf16();
+  args.q = d_q->bf16();
+  args.k = d_k->bf16();
+  args.v = d_v->bf16();
+  args.lse = c.with_lse ? d_lse->ptr : nullptr;
+  args.start_pos = d_start->ptr;
   args.batch = batch;
   args.seq_len = c.seq_len;
   args.n_heads = c.n_heads;
@@ -141,20 +165,11 @@ void run_case(const Case& c) {
   args.kv_head_stride = ref.kv_head_stride;
   args.kv_seq_stride = ref.kv_seq_stride;
   args.scale = ref.scale;
-  if (c.path == Path::Prefill) {
-    cuda::attention_forward(args, nullptr);
-  } else {
-    const DecodeAttentionPlan plan = cuda::decode_attention_plan(batch, c.seq_len, c.n_heads, c.n_kv_heads, D,
-                                                                 c.plan_max_ctx > 0 ? c.plan_max_ctx : max_ctx);
-    INFO("n_splits=" << plan.n_splits);
-    DeviceArray<unsigned char> workspace(plan.workspace_bytes);
-    workspace.poison();
-    cuda::decode_attention_forward(args, plan, workspace.ptr, nullptr);
-    CUDA_CHECK(cudaDeviceSynchronize());
-  }
+}
 
+void Problem::check() const {
   std::vector<float> out(q_count);
-  const std::vector<uint16_t> out_bits = d_out.download();
+  const std::vector<uint16_t> out_bits = d_out->download();
   for (size_t i = 0; i < q_count; ++i) out[i] = bf16_to_float(out_bits[i]);
   double err2 = 0.0, ref2 = 0.0, max_abs = 0.0;
   size_t n_nan = 0;
@@ -170,7 +185,7 @@ void run_case(const Case& c) {
   CHECK(n_nan == 0);
   CHECK(norm_rel <= 1e-2);
   if (c.with_lse) {
-    const std::vector<float> lse = d_lse.download();
+    const std::vector<float> lse = d_lse->download();
     double lse_max = 0.0;
     size_t bad = 0;
     std::string first;
@@ -186,6 +201,49 @@ void run_case(const Case& c) {
     INFO(bad << " lse values outside the bound\n" << first);
     CHECK(bad == 0);
   }
+}
+
+DecodeAttentionPlan plan_for(const Problem& pr) {
+  int max_ctx = 0;
+  for (int32_t s : pr.c.start_pos) max_ctx = std::max(max_ctx, s + pr.c.seq_len);
+  return cuda::decode_attention_plan(pr.batch, pr.c.seq_len, pr.c.n_heads, pr.c.n_kv_heads, pr.c.head_dim,
+                                     pr.c.plan_max_ctx > 0 ? pr.c.plan_max_ctx : max_ctx);
+}
+
+// A decode workspace as a caller prepares it once: the partials NaN (a merge that reads a partial no split wrote
+// fails), the counters zero.
+std::unique_ptr<DeviceArray<unsigned char>> make_workspace(size_t workspace_bytes, size_t counter_bytes) {
+  auto ws = std::make_unique<DeviceArray<unsigned char>>(workspace_bytes);
+  ws->poison();
+  CUDA_CHECK(cudaMemset(ws->ptr, 0, counter_bytes));
+  return ws;
+}
+
+// The merge counters must be zero after every completed launch.
+void check_counters_zero(const DeviceArray<unsigned char>& ws, size_t counter_bytes) {
+  std::vector<unsigned char> head(counter_bytes);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaMemcpy(head.data(), ws.ptr, counter_bytes, cudaMemcpyDeviceToHost));
+  const size_t nonzero = static_cast<size_t>(std::count_if(head.begin(), head.end(), [](unsigned char x) {
+    return x != 0;
+  }));
+  INFO(nonzero << " nonzero counter bytes of " << counter_bytes);
+  CHECK(nonzero == 0);
+}
+
+void run_case(const Case& c) {
+  INFO(describe(c));
+  const Problem pr(c);
+  if (c.path == Path::Prefill) {
+    cuda::attention_forward(pr.args, nullptr);
+  } else {
+    const DecodeAttentionPlan plan = plan_for(pr);
+    INFO("n_splits=" << plan.n_splits);
+    const auto workspace = make_workspace(plan.workspace_bytes, plan.counter_bytes);
+    cuda::decode_attention_forward(pr.args, plan, workspace->ptr, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  pr.check();
 }
 
 }  // namespace
@@ -238,6 +296,107 @@ TEST_CASE("decode attention matches the twin") {
   for (const Case& c : cases) run_case(c);
 }
 
+// The merge of the splits runs in the split kernel's last CTA per (sequence, kv head), counted on counters in
+// the workspace that each launch must leave at zero. So the same plan and workspace are launched three times in a
+// row, then from a captured graph replayed three times, out and lse poisoned before each: every launch must match
+// the twin, equal the first bit for bit (the merge reads every partial from memory, so which CTA finishes last
+// must not matter), and leave the counters zero. GQA 1, 4, 8, head_dim 64 and 128, batch 1 and 3, contexts off
+// the 64-key tile and off the split length, and a plan for a long cache over short contexts (empty splits).
+TEST_CASE("decode attention gives the same result launch after launch and in graph replays") {
+  const std::vector<Case> cases = {
+      {Path::Decode, 8, 8, 128, 1, {999}},
+      {Path::Decode, 8, 8, 64, 1, {1332, 700, 2048}},
+      {Path::Decode, 16, 4, 64, 1, {776}},
+      {Path::Decode, 16, 4, 128, 1, {2048, 5, 1000}},
+      {Path::Decode, 32, 4, 128, 1, {1500}},
+      {Path::Decode, 16, 2, 64, 3, {900, 1200, 64}},
+      {Path::Decode, 32, 4, 64, 2, {3000, 1, 77}, Layout::Cache, 0, false},
+      {Path::Decode, 8, 2, 128, 1, {100, 250, 37}, Layout::Cache, 4096},
+  };
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreate(&stream));
+  for (const Case& c : cases) {
+    INFO(describe(c));
+    const Problem pr(c);
+    const DecodeAttentionPlan plan = plan_for(pr);
+    INFO("n_splits=" << plan.n_splits);
+    REQUIRE(plan.n_splits > 1);  // the merge path; any GPU with more than 12 SMs splits these
+    const auto workspace = make_workspace(plan.workspace_bytes, plan.counter_bytes);
+    std::vector<uint16_t> first_out;
+    std::vector<float> first_lse;
+    auto check_launch = [&](const char* what, int rep) {
+      INFO(what << " " << rep);
+      pr.check();
+      const std::vector<uint16_t> out = pr.d_out->download();
+      const std::vector<float> lse = pr.d_lse->download();
+      if (first_out.empty()) {
+        first_out = out;
+        first_lse = lse;
+      } else {
+        size_t differ = 0;
+        for (size_t i = 0; i < out.size(); ++i) differ += out[i] != first_out[i];
+        INFO(differ << " of " << out.size() << " out values differ from the first launch's");
+        CHECK(differ == 0);
+        if (c.with_lse) CHECK(std::memcmp(lse.data(), first_lse.data(), lse.size() * sizeof(float)) == 0);
+      }
+      check_counters_zero(*workspace, plan.counter_bytes);
+    };
+    for (int rep = 0; rep < 3; ++rep) {
+      pr.poison_outputs();
+      cuda::decode_attention_forward(pr.args, plan, workspace->ptr, stream);
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      check_launch("launch", rep);
+    }
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    cuda::decode_attention_forward(pr.args, plan, workspace->ptr, stream);
+    CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int rep = 0; rep < 3; ++rep) {
+      pr.poison_outputs();
+      CUDA_CHECK(cudaGraphLaunch(exec, stream));
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      check_launch("graph replay", rep);
+    }
+    CUDA_CHECK(cudaGraphExecDestroy(exec));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+  }
+  CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+// The runtime keeps one workspace for its batch-1 plan and its batch-N plan, which split differently: each plan's
+// partials must stay clear of the other's counters. Launch the two alternately, back to back, on one workspace.
+TEST_CASE("decode attention plans of different batch share one workspace") {
+  for (const int head_dim : {64, 128}) {
+    const Problem one({Path::Decode, 32, 8, head_dim, 1, {1234}});
+    const Problem three({Path::Decode, 32, 8, head_dim, 1, {1800, 3, 611}});
+    const DecodeAttentionPlan plan_one = plan_for(one), plan_three = plan_for(three);
+    INFO("head_dim " << head_dim << ", n_splits " << plan_one.n_splits << " and " << plan_three.n_splits);
+    REQUIRE(plan_one.n_splits > 1);
+    REQUIRE(plan_three.n_splits > 1);
+    const size_t counter_bytes = std::max(plan_one.counter_bytes, plan_three.counter_bytes);
+    const auto workspace =
+        make_workspace(std::max(plan_one.workspace_bytes, plan_three.workspace_bytes), counter_bytes);
+    for (int rep = 0; rep < 2; ++rep) {
+      one.poison_outputs();
+      three.poison_outputs();
+      const bool one_first = rep == 0;
+      for (int k = 0; k < 2; ++k) {
+        if ((k == 0) == one_first) {
+          cuda::decode_attention_forward(one.args, plan_one, workspace->ptr, nullptr);
+        } else {
+          cuda::decode_attention_forward(three.args, plan_three, workspace->ptr, nullptr);
+        }
+      }
+      CUDA_CHECK(cudaDeviceSynchronize());
+      one.check();
+      three.check();
+      check_counters_zero(*workspace, counter_bytes);
+    }
+  }
+}
+
 TEST_CASE("attention launchers reject unsupported shapes") {
   DeviceArray<uint16_t> buf(1 << 16);
   DeviceArray<int32_t> start(std::vector<int32_t>{0});
@@ -282,7 +441,7 @@ TEST_CASE("decode attention timing (7B shape)" * doctest::skip()) {
   DeviceArray<uint16_t> d_q(static_cast<size_t>(n_heads) * D), d_out(static_cast<size_t>(n_heads) * D);
   d_q.upload(std::vector<uint16_t>(bits.begin(), bits.begin() + n_heads * D));
   const DecodeAttentionPlan plan = cuda::decode_attention_plan(1, 1, n_heads, n_heads, D, max_seq);
-  DeviceArray<unsigned char> workspace(plan.workspace_bytes);
+  const auto workspace = make_workspace(plan.workspace_bytes, plan.counter_bytes);
   cudaStream_t stream;
   cudaEvent_t t0, t1;
   CUDA_CHECK(cudaStreamCreate(&stream));
@@ -309,7 +468,7 @@ TEST_CASE("decode attention timing (7B shape)" * doctest::skip()) {
       for (int layer = 0; layer < n_layers; ++layer) {
         a.k = caches[2 * layer]->bf16();
         a.v = caches[2 * layer + 1]->bf16();
-        cuda::decode_attention_forward(a, plan, workspace.ptr, stream);
+        cuda::decode_attention_forward(a, plan, workspace->ptr, stream);
       }
     }
     CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
