@@ -173,7 +173,6 @@ class EngineImpl final : public Engine {
   void set_gradient_ready(GradientReady f) override { ready_ = std::move(f); }
   Flat flat() override { return Flat{master_, grad_, compute_, sizeof(T)}; }
   ShardLayout shard() const override { return layout_; }
-  int shard_rank() const override { return opt_.shard_rank; }
   cudaStream_t cuda_stream() override {
     if constexpr (std::is_same_v<Ops, CudaOps>) return ops_.stream();
     return nullptr;

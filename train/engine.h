@@ -118,7 +118,6 @@ class Engine {
   };
   virtual Flat flat() = 0;
   virtual ShardLayout shard() const = 0;
-  virtual int shard_rank() const { return 0; }
   // CUDA engines: the stream that runs the engine's work (null on the CPU).
   virtual cudaStream_t cuda_stream() { return nullptr; }
   // AdamW on this engine's shard of the master weights (the whole buffer when alone).
