@@ -15,6 +15,12 @@
 
 namespace qkd {
 
+// Products with at least this many rows (m) run cuBLASLt on a dequantized bf16 copy of an int4 weight instead of
+// the fused int4 GEMM: at this size the product is compute-bound and the fused kernel's mma.sync loop reaches about
+// a third of cuBLASLt's rate (docs/int4-gemm-notes.md), while dequantizing costs 2.5 bytes a weight of memory
+// traffic. The runtime's prefill (runtime/cuda_model.cpp) and the trainer's frozen layers (train/ops.cpp) use it.
+constexpr int kDequantMinRows = 256;
+
 struct Int4DequantArgs {
   __nv_bfloat16* out;  // [n, k], 16-byte aligned
   Int4Weight w;        // [n, k], device pointers

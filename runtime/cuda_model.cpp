@@ -50,12 +50,10 @@ constexpr int64_t kLogitsBytes = int64_t{64} << 20;
 // Device memory the model does not allocate itself but needs free: cuBLASLt's handle and kernels, the CUDA
 // graphs' executables and lazily loaded kernel modules. An estimate with room to spare.
 constexpr int64_t kRuntimeReserve = int64_t{256} << 20;
-// Prefill steps of at least this many rows with int4 weights run cuBLASLt on bf16 copies of the weights made one
-// layer ahead on a second stream (kernels/int4_dequant.h) instead of the fused int4 GEMM: at this size the
-// product is compute-bound and the fused kernel's mma.sync loop reaches about a third of cuBLASLt's rate
-// (docs/int4-gemm-notes.md), while dequantizing costs 2.5 bytes a weight of memory traffic that overlaps the
-// previous layer's GEMMs. Two layers' bf16 weights of scratch (808 MiB for a 7B model) buy it.
-constexpr int kDequantRows = 256;
+// Prefill steps of at least kDequantMinRows rows (kernels/int4_dequant.h) with int4 weights run cuBLASLt on bf16
+// copies of the weights made one layer ahead on a second stream instead of the fused int4 GEMM; the dequantization
+// overlaps the previous layer's GEMMs. Two layers' bf16 weights of scratch (808 MiB for a 7B model) buy it.
+constexpr int kDequantRows = kDequantMinRows;
 // Graphs kept (one per batch size and pick); older ones are dropped first.
 constexpr size_t kMaxGraphs = 16;
 

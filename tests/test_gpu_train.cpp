@@ -4,7 +4,9 @@
 // Every CUDA reduction of the engine has a fixed order, so the equality is exact, not approximate. Needs a GPU
 // (label gpu) and ../shared's teacher-25m; skips otherwise.
 #include <atomic>
+#include <cmath>
 #include <cstring>
+#include <random>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -14,12 +16,17 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/dtype.h"
 #include "kernels/fake_quant.h"
+#include "kernels/int4_dequant.h"
+#include "kernels/int4_format.h"
+#include "kernels/int4_gemm.h"
 #include "loader/hf_checkpoint.h"
 #include "loader/int4_checkpoint.h"
 #include "loader/safetensors.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
+#include "train/ops.h"
 #include "train/trainer.h"
 
 namespace {
@@ -161,4 +168,102 @@ TEST_CASE("CUDA: a run stopped at step 4 and resumed repeats the uninterrupted t
     }
   }
   CHECK(checked == 16);
+}
+
+// The frozen layers' products through train::CudaOps: below kDequantMinRows rows the fused int4 GEMM, from there on
+// cuBLASLt on a dequantized bf16 copy in one scratch shared by every weight. Both against the CPU twin
+// (cpu::int4_gemm_forward/backward, exact fp32 weights) within the bound test_gpu_int4_gemm uses (1e-2 of the
+// norm: bf16 operands and output, each weight rounded to bf16 on the GPU). Two weights of different shapes
+// alternate through the scratch, so a product that read the other weight's copy would fail; every product runs
+// twice and must give the same bits (resume relies on it); = outputs are NaN-poisoned, += ones start random.
+TEST_CASE("CudaOps int4 products: fused below kDequantMinRows, dequantized copy + cuBLASLt above; forward and dgrad") {
+  if (!have_gpu()) {
+    MESSAGE("skipped: no CUDA device");
+    return;
+  }
+  using T = CudaOps::T;
+  std::mt19937 rng(20261205);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto normal = [&](size_t count, float sd, float mean) {
+    std::vector<float> v(count);
+    for (float& x : v) x = mean + sd * nd(rng);
+    return v;
+  };
+  auto bf16_values = [](std::vector<float>& v) {  // v rounded to bf16 in place; returns the bits
+    std::vector<uint16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      b[i] = float_to_bf16(v[i]);
+      v[i] = bf16_to_float(b[i]);
+    }
+    return b;
+  };
+  struct W {
+    int n, k, group_size;
+    Int4Symmetry sym;
+    ScaleType st;
+  };
+  // o_proj-like (square, g128 symmetric) and v_proj-like (fewer rows, per-channel asymmetric fp16 scales)
+  const W shapes[] = {{384, 384, 128, Int4Symmetry::Symmetric, ScaleType::BF16},
+                      {136, 384, 384, Int4Symmetry::Asymmetric, ScaleType::FP16}};
+  CudaOps ops;
+  std::vector<Int4HostWeight> host;
+  std::vector<Int4Weight> dev;
+  for (const W& s : shapes) {
+    std::vector<float> w = normal(static_cast<size_t>(s.n) * s.k, 0.05f, s.sym == Int4Symmetry::Asymmetric ? 0.01f : 0.0f);
+    host.push_back(int4_quantize(w.data(), s.n, s.k, s.group_size, s.sym, s.st));
+    dev.push_back(ops.upload_int4(host.back()));
+  }
+  int index = 0;
+  for (int m : {3, kDequantMinRows - 1, kDequantMinRows, 517}) {
+    for (bool dgrad : {false, true}) {
+      for (size_t wi : {size_t{0}, size_t{1}, size_t{0}}) {
+        const Accumulate mode = index++ % 2 == 0 ? Accumulate::Overwrite : Accumulate::Add;
+        const Int4HostWeight& q = host[wi];
+        CAPTURE(m);
+        CAPTURE(dgrad);
+        CAPTURE(q.n);
+        CAPTURE(mode == Accumulate::Add);
+        const int in_cols = dgrad ? q.n : q.k, out_cols = dgrad ? q.k : q.n;
+        const size_t in_count = static_cast<size_t>(m) * in_cols, out_count = static_cast<size_t>(m) * out_cols;
+        std::vector<float> x = normal(in_count, 1.0f, 0.0f), y0 = normal(out_count, 1.0f, 0.0f);
+        const std::vector<uint16_t> xb = bf16_values(x);
+        std::vector<uint16_t> y0b = bf16_values(y0);
+        if (mode == Accumulate::Overwrite) y0b.assign(out_count, 0xFFFF);  // NaN
+        T* dx = ops.alloc<T>(static_cast<int64_t>(in_count));
+        T* dy = ops.alloc<T>(static_cast<int64_t>(out_count));
+        ops.upload(reinterpret_cast<uint16_t*>(dx), xb.data(), static_cast<int64_t>(in_count));
+        std::vector<uint16_t> got[2];
+        for (auto& g : got) {
+          ops.upload(reinterpret_cast<uint16_t*>(dy), y0b.data(), static_cast<int64_t>(out_count));
+          if (dgrad) {
+            ops.int4_linear_dgrad(dy, dx, dev[wi], m, mode);
+          } else {
+            ops.int4_linear(dy, dx, dev[wi], m, mode);
+          }
+          g.resize(out_count);
+          ops.download(g.data(), reinterpret_cast<const uint16_t*>(dy), static_cast<int64_t>(out_count));
+        }
+        CHECK(got[0] == got[1]);
+        std::vector<float> ref(mode == Accumulate::Add ? y0 : std::vector<float>(out_count, 0.0f));
+        if (dgrad) {
+          cpu::int4_gemm_backward({ref.data(), x.data(), q.view(), m, mode});
+        } else {
+          cpu::int4_gemm_forward({ref.data(), x.data(), q.view(), m, mode});
+        }
+        double err2 = 0.0, ref2 = 0.0;
+        size_t non_finite = 0;
+        for (size_t i = 0; i < out_count; ++i) {
+          const double g = bf16_to_float(got[0][i]);
+          if (!std::isfinite(g)) {
+            ++non_finite;
+            continue;
+          }
+          err2 += (g - ref[i]) * (g - ref[i]);
+          ref2 += static_cast<double>(ref[i]) * ref[i];
+        }
+        CHECK(non_finite == 0);
+        CHECK(std::sqrt(err2 / ref2) <= 1e-2);
+      }
+    }
+  }
 }

@@ -150,11 +150,16 @@ class CudaOps {
  private:
   void copy_bytes(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
   void zero_bytes(void* p, size_t bytes);
+  // The frozen layers' products with m >= kDequantMinRows: the weight is dequantized here, then cuBLASLt.
+  const T* dequantized(const Int4Weight& w);
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<CublasLt> lt_;
   std::vector<void*> owned_;
   float* sumsq_ = nullptr;          // [1 + kSumSquaresBlocks]
+  int64_t int4_max_elems_ = 0;      // the largest int4 weight uploaded, n * k
+  T* dq_ = nullptr;                 // [dq_elems_] bf16 scratch, allocated on first use
+  int64_t dq_elems_ = 0;
 };
 
 }  // namespace qkd::train

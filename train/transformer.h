@@ -8,7 +8,8 @@
 //   xf = rmsnorm(res[L])                       (the final hidden state; the engine applies the LM head in chunks)
 // Backward from dxf, the reverse of the same sequence; weight gradients ACCUMULATE into the fp32 gradient buffers
 // (several micro-batches add into one step), activation gradients are scratch. A linear layer's weight W is:
-//   Frozen     packed int4: y = int4_gemm(x, W), dx = int4_gemm_backward(dy, W), no dW
+//   Frozen     packed int4: y = int4_linear(x, W), dx = int4_linear_dgrad(dy, W), no dW (the backend picks the fused
+//              int4 GEMM or, from kDequantMinRows rows, cuBLASLt on a dequantized bf16 copy: train/ops.cpp)
 //   Quantized  wq = fake_quant(W, scales) computed by quantize(); dW (= d wq) accumulates, and
 //              quantize_backward() turns it into the STE weight gradient and the LSQ scale gradients
 //   Dense      the compute copy of W; dW accumulates
