@@ -47,7 +47,8 @@ struct AttentionBackwardArgs {
   const float* lse;   // [batch, n_heads, seq_len]               the forward's lse
   int batch, seq_len, n_heads, n_kv_heads, head_dim;
   float scale;
-  float* scratch = nullptr;  // CUDA only: [batch, n_heads, seq_len] for delta
+  float* scratch = nullptr;  // CUDA only: attention_backward_scratch_floats(...) floats, 16-byte aligned (delta and,
+                             // with grouped-query heads, the dK/dV partials of the head splits)
 };
 
 namespace cpu {
@@ -59,6 +60,8 @@ void attention_backward(const AttentionBackwardArgs<double>& a);
 namespace cuda {
 void attention_forward(const AttentionArgs<__nv_bfloat16>& a, cudaStream_t stream);
 void attention_backward(const AttentionBackwardArgs<__nv_bfloat16>& a, cudaStream_t stream);
+// Floats of scratch attention_backward needs (0 for an empty or invalid shape).
+int64_t attention_backward_scratch_floats(int batch, int seq_len, int n_heads, int n_kv_heads, int head_dim);
 }  // namespace cuda
 
 }  // namespace qkd

@@ -559,7 +559,9 @@ struct AttentionGrads {
 AttentionGrads attention_backward_gpu(const AttentionInputs& in, const AttentionCase& c) {
   DeviceArray<uint16_t> d_q(in.q), d_k(in.k), d_v(in.v), d_out(in.out), d_dout(in.dout);
   DeviceArray<uint16_t> d_dq(in.q.size()), d_dk(in.k.size()), d_dv(in.v.size());
-  DeviceArray<float> d_lse(in.lse), d_scratch(in.lse.size());
+  // sized by the library, poisoned: delta and the dK/dV partials of the head splits must all be written before read
+  DeviceArray<float> d_lse(in.lse), d_scratch(static_cast<size_t>(cuda::attention_backward_scratch_floats(
+                                        c.batch, c.seq_len, c.n_heads, c.n_kv_heads, c.head_dim)));
   d_dq.poison();
   d_dk.poison();
   d_dv.poison();

@@ -87,6 +87,7 @@ class CpuOps {
   double sum_squares(const float* x, int64_t n) { return cpu::sum_squares(x, n); }
   // Scratch sizes of the ops that need one (0 on the CPU).
   int64_t rmsnorm_scratch(int, int) const { return 0; }
+  int64_t attention_scratch(int, int, int, int, int) const { return 0; }
 
  private:
   std::vector<std::unique_ptr<std::byte[]>> owned_;
@@ -144,6 +145,9 @@ class CudaOps {
   void adamw(const AdamWArgs& a) { cuda::adamw_update(a, stream_); }
   double sum_squares(const float* x, int64_t n);
   int64_t rmsnorm_scratch(int rows, int dim) const { return cuda::rmsnorm_backward_scratch_floats(rows, dim); }
+  int64_t attention_scratch(int batch, int seq, int heads, int kv_heads, int head_dim) const {
+    return cuda::attention_backward_scratch_floats(batch, seq, heads, kv_heads, head_dim);
+  }
 
   cudaStream_t stream() const { return stream_; }
 

@@ -121,7 +121,8 @@ class Transformer {
       dup_ = ops.template alloc<T>(int64_t{n} * ffn);
       dact_ = ops.template alloc<T>(int64_t{n} * ffn);
       const int64_t scratch =
-          std::max<int64_t>({ops.rmsnorm_scratch(n, dim), int64_t{batch} * c.n_heads * seq, int64_t{1}});
+          std::max<int64_t>({ops.rmsnorm_scratch(n, dim),
+                             ops.attention_scratch(batch, seq, c.n_heads, c.n_kv_heads, c.head_dim), int64_t{1}});
       scratch_ = ops.template alloc<float>(scratch);
       int64_t rows = 1;
       for (const auto& l : w_.layers)
