@@ -1,5 +1,6 @@
 // qkd-quantize: round-to-nearest int4 quantization of an HF, llama2.c or GGUF model into a qkd int4 checkpoint
 // directory (loader/int4_checkpoint.h), or with --format gguf into a GGUF Q4_0 / Q4_1 file (loader/gguf_writer.h).
+// --clip-search picks each group's range by squared error among clipped candidates (Int4ScaleSearch::ClipMse).
 // Prints each module's relative RMS quantization error to stderr.
 #include <cstdio>
 #include <optional>
@@ -23,9 +24,10 @@ int parse_group_size(const std::string& s) {
 
 void print_summary(const qkd::Int4Quantized& q, const std::string& group) {
   const qkd::Int4Params& p = q.params;
-  std::fprintf(stderr, "qkd-quantize: int4, group %s, %s, %s scales, modules %s\n", group.c_str(),
+  std::fprintf(stderr, "qkd-quantize: int4, group %s, %s, %s scales, modules %s, %s\n", group.c_str(),
                p.sym == qkd::Int4Symmetry::Symmetric ? "symmetric" : "asymmetric",
-               p.scale_type == qkd::ScaleType::BF16 ? "bf16" : "fp16", qkd::format_int4_modules(p.modules).c_str());
+               p.scale_type == qkd::ScaleType::BF16 ? "bf16" : "fp16", qkd::format_int4_modules(p.modules).c_str(),
+               p.scale_search == qkd::Int4ScaleSearch::ClipMse ? "clip search" : "full-range groups");
   std::fprintf(stderr, "qkd-quantize: %-8s %8s %10s %12s\n", "module", "tensors", "params", "rel_rms_err");
   for (const qkd::Int4ModuleError& e : q.errors)
     std::fprintf(stderr, "qkd-quantize: %-8s %8d %10s %12.6f\n", qkd::int4_module_name(e.module), e.tensors,
@@ -38,7 +40,8 @@ int main(int argc, char** argv) {
   return qkd::cli::run_app("qkd-quantize", [&] {
     std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down";
     std::optional<std::string> group, scale_type;
-    bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false;
+    bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false,
+         clip_search = false;
     qkd::cli::ArgParser p("qkd-quantize",
                           "Round-to-nearest int4 quantization of a model into a qkd int4 checkpoint directory "
                           "(or a GGUF Q4_0/Q4_1 file with --format gguf).");
@@ -52,6 +55,8 @@ int main(int argc, char** argv) {
     p.add("--modules", &modules, "LIST", "linear modules to quantize, from q,k,v,o,gate,up,down");
     p.add_switch("--quantize-embeddings", &quantize_embeddings, "quantize the token embeddings too");
     p.add_switch("--quantize-lm-head", &quantize_lm_head, "quantize the LM head too");
+    p.add_switch("--clip-search", &clip_search,
+                 "per group, also try ranges clipped to 0.975..0.525 of max|w| and keep the least squared error");
     p.add_switch("--force", &force, "replace an existing output (only a qkd checkpoint or a GGUF file)");
     if (!p.parse(argc, argv)) return 0;
 
@@ -63,6 +68,7 @@ int main(int argc, char** argv) {
     const bool gguf = format == "gguf";
     qkd::Int4Params params;
     params.sym = asym ? qkd::Int4Symmetry::Asymmetric : qkd::Int4Symmetry::Symmetric;
+    params.scale_search = clip_search ? qkd::Int4ScaleSearch::ClipMse : qkd::Int4ScaleSearch::None;
     const std::string group_text = group.value_or(gguf ? "32" : "128");
     params.group_size = parse_group_size(group_text);
     const std::string scale_text = scale_type.value_or(gguf ? "fp16" : "bf16");

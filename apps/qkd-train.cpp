@@ -41,6 +41,8 @@ int main(int argc, char** argv) {
     p.add("--group-size", &c.group_size, "N", "quantization group: 32, 64, 128, or 0 for per-channel");
     p.add("--freeze", &c.freeze, "LIST", "linear layers quantized once and frozen: none or a list of q,k,v,o,gate,up,down");
     p.add_switch("--clip", &c.clip, "learn a clipping factor per module (module-wise dynamic scaling)");
+    p.add_switch("--clip-search", &c.clip_search,
+                 "start the frozen layers and the step sizes from a per-group clip search, not the full range");
     p.add("--data", &c.data, "FILES", "comma-separated training text files");
     p.add("--val-data", &c.val_data, "FILES", "comma-separated validation text files (default: the tail of --data)");
     p.add("--val-fraction", &c.val_fraction, "F", "fraction of --data windows held out for validation");

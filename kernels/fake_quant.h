@@ -61,8 +61,10 @@ void fake_quant_backward(const FakeQuantBackwardArgs& a);
 
 // Round-to-nearest initial step sizes for bits b, the rule int4_quantize_group uses for 4 bits: per group, the
 // candidates amax / qmax (nothing clips) and x_ext / qmin (the value of largest magnitude lands on qmin), each
-// rounded to bf16, keeping the one with the smaller squared error. scale [n, k / group_size] overwritten.
-void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bits, float* scale);
+// rounded to bf16, keeping the one with the smaller squared error; with ClipMse also the same two for each clipped
+// range (int4_symmetric_scale). scale [n, k / group_size] overwritten.
+void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bits, float* scale,
+                            Int4ScaleSearch search = Int4ScaleSearch::None);
 
 // The int4 weight that the forward's wq equals exactly: u = q + 8, scales = bf16 bits of s_e, symmetric, bf16
 // scales. For bits < 4 the codes use a sub-range of the 16 levels; bits > 4 cannot be stored and throw.

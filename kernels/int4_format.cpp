@@ -58,7 +58,7 @@ int int4_symmetric_q(float x, float s, int qmin, int qmax) {
   return q < static_cast<float>(qmin) ? qmin : (q > static_cast<float>(qmax) ? qmax : static_cast<int>(q));
 }
 
-uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t) {
+uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t, Int4ScaleSearch search) {
   QKD_CHECK(len > 0, "int4_symmetric_scale: length {} must be positive", len);
   QKD_CHECK(qmin < 0 && qmax > 0, "int4_symmetric_scale: grid [{}, {}] must straddle 0", qmin, qmax);
   float amax = 0.0f, ext = 0.0f;
@@ -68,17 +68,21 @@ uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, Scale
       ext = x[i];
     }
   }
-  const uint16_t candidates[2] = {to_code(amax / static_cast<float>(qmax), t),
-                                  to_code(ext / static_cast<float>(qmin), t)};
+  const int steps = search == Int4ScaleSearch::ClipMse ? kInt4ClipSteps : 1;
   double best_sse = INFINITY;
   uint16_t best = 0;
-  for (uint16_t c : candidates) {
-    const float s = int4_scale_to_float(c, t);
-    if (!std::isfinite(s)) continue;
-    const double sse = symmetric_sse(x, len, s, qmin, qmax);
-    if (sse < best_sse) {
-      best_sse = sse;
-      best = c;
+  for (int i = 0; i < steps; ++i) {
+    const float r = 1.0f - static_cast<float>(i) / 40.0f;
+    const uint16_t candidates[2] = {to_code(r * amax / static_cast<float>(qmax), t),
+                                    to_code(r * ext / static_cast<float>(qmin), t)};
+    for (uint16_t c : candidates) {
+      const float s = int4_scale_to_float(c, t);
+      if (!std::isfinite(s)) continue;
+      const double sse = symmetric_sse(x, len, s, qmin, qmax);
+      if (sse < best_sse) {
+        best_sse = sse;
+        best = c;
+      }
     }
   }
   QKD_CHECK(best_sse < INFINITY, "int4_symmetric_scale: max |x| {} needs a scale beyond the {} range", amax,
@@ -134,12 +138,36 @@ void int4_unpack(const uint32_t* packed, int n, int k, uint8_t* u) {
   }
 }
 
-Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u) {
-  QKD_CHECK(len > 0, "int4_quantize_group: length {} must be positive", len);
+namespace {
+
+// Asymmetric codes for the range [lo, hi]: the min rounded down and the scale up to the storage type, so the 16
+// levels m, m + s, ..., m + 15 s cover the range. Throws when either does not fit the type.
+Int4GroupCodes asymmetric_codes(float lo, float hi, ScaleType t) {
   Int4GroupCodes codes;
+  codes.min = round_down(lo, t);
+  const double m = int4_scale_to_float(codes.min, t);
+  QKD_CHECK(std::isfinite(m), "int4_quantize_group: min {} is beyond the {} range", lo, type_name(t));
+  codes.scale = round_up((static_cast<double>(hi) - m) / 15.0, t);
+  const double s = int4_scale_to_float(codes.scale, t);
+  QKD_CHECK(std::isfinite(s), "int4_quantize_group: range [{}, {}] needs a scale beyond the {} range", lo, hi,
+            type_name(t));
+  return codes;
+}
+
+uint8_t asymmetric_u(float x, double m, double s) {
+  const double q = s == 0.0 ? 0.0 : std::nearbyint((static_cast<double>(x) - m) / s);
+  return static_cast<uint8_t>(q < 0.0 ? 0.0 : (q > 15.0 ? 15.0 : q));
+}
+
+}  // namespace
+
+Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u,
+                                   Int4ScaleSearch search) {
+  QKD_CHECK(len > 0, "int4_quantize_group: length {} must be positive", len);
   if (sym == Int4Symmetry::Symmetric) {
     constexpr int kQmin = -kInt4Zero, kQmax = 15 - kInt4Zero;
-    codes.scale = int4_symmetric_scale(x, len, kQmin, kQmax, t);
+    Int4GroupCodes codes;
+    codes.scale = int4_symmetric_scale(x, len, kQmin, kQmax, t, search);
     const float s = int4_scale_to_float(codes.scale, t);
     for (int i = 0; i < len; ++i) u[i] = static_cast<uint8_t>(int4_symmetric_q(x[i], s, kQmin, kQmax) + kInt4Zero);
     return codes;
@@ -150,21 +178,40 @@ Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, Sc
     lo = std::fmin(lo, x[i]);
     hi = std::fmax(hi, x[i]);
   }
-  codes.min = round_down(lo, t);
-  const double m = int4_scale_to_float(codes.min, t);
-  QKD_CHECK(std::isfinite(m), "int4_quantize_group: min {} is beyond the {} range", lo, type_name(t));
-  codes.scale = round_up((static_cast<double>(hi) - m) / 15.0, t);
-  const double s = int4_scale_to_float(codes.scale, t);
-  QKD_CHECK(std::isfinite(s), "int4_quantize_group: range [{}, {}] needs a scale beyond the {} range", lo, hi,
-            type_name(t));
-  for (int i = 0; i < len; ++i) {
-    const double q = s == 0.0 ? 0.0 : std::nearbyint((static_cast<double>(x[i]) - m) / s);
-    u[i] = static_cast<uint8_t>(q < 0.0 ? 0.0 : (q > 15.0 ? 15.0 : q));
+  // The full range first (it must fit the storage type); with ClipMse also [max(lo, -c), min(hi, c)] for
+  // c = r max|x|, where that range is not empty, keeping the smallest squared error (ties keep the earlier).
+  Int4GroupCodes best = asymmetric_codes(lo, hi, t);
+  if (search == Int4ScaleSearch::ClipMse) {
+    const float amax = std::fmax(std::fabs(lo), std::fabs(hi));
+    auto sse = [&](const Int4GroupCodes& c) {
+      const double m = int4_scale_to_float(c.min, t), s = int4_scale_to_float(c.scale, t);
+      double e2 = 0.0;
+      for (int i = 0; i < len; ++i) {
+        const double e = static_cast<double>(x[i]) - (m + s * asymmetric_u(x[i], m, s));
+        e2 += e * e;
+      }
+      return e2;
+    };
+    double best_sse = sse(best);
+    for (int i = 1; i < kInt4ClipSteps; ++i) {
+      const float c = (1.0f - static_cast<float>(i) / 40.0f) * amax;
+      const float lo_c = std::fmax(lo, -c), hi_c = std::fmin(hi, c);
+      if (!(lo_c <= hi_c)) continue;
+      const Int4GroupCodes cand = asymmetric_codes(lo_c, hi_c, t);  // inside the full range: fits if it did
+      const double e = sse(cand);
+      if (e < best_sse) {
+        best_sse = e;
+        best = cand;
+      }
+    }
   }
-  return codes;
+  const double m = int4_scale_to_float(best.min, t), s = int4_scale_to_float(best.scale, t);
+  for (int i = 0; i < len; ++i) u[i] = asymmetric_u(x[i], m, s);
+  return best;
 }
 
-Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4Symmetry sym, ScaleType t) {
+Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4Symmetry sym, ScaleType t,
+                             Int4ScaleSearch search) {
   QKD_CHECK(n > 0, "int4_quantize: n {} must be positive", n);
   const int gs = int4_group_size(group_size, k, "int4_quantize");
   const int groups = k / gs;
@@ -195,7 +242,7 @@ Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4S
         for (int g = 0; g < groups; ++g) {
           Int4GroupCodes codes;
           try {
-            codes = int4_quantize_group(row + g * gs, gs, sym, t, u.data() + g * gs);
+            codes = int4_quantize_group(row + g * gs, gs, sym, t, u.data() + g * gs, search);
           } catch (const Error& e) {
             fail("int4_quantize: row {} group {}: {}", r, g, e.what());
           }

@@ -34,6 +34,14 @@ namespace qkd {
 
 enum class Int4Symmetry : uint8_t { Symmetric, Asymmetric };
 enum class ScaleType : uint8_t { BF16, FP16 };
+// How a group's scale (and min) are chosen before its values are rounded to nearest on the grid:
+//   None:    the group's full range (int4_quantize_group below);
+//   ClipMse: the full range and the range clipped to r max|x| for r = 1 - i / 40, i = 1..19 (down to 0.525),
+//            keeping the candidate with the smallest squared error of the group (ties keep the earlier, so the
+//            full range wins unless clipping is strictly better): a few outliers no longer stretch the step of
+//            every other value (llama.cpp's k-quants and AWQ's clip search do the same kind of search).
+enum class Int4ScaleSearch : uint8_t { None, ClipMse };
+constexpr int kInt4ClipSteps = 20;  // candidates of ClipMse, r = 1 - i / 40 for i in [0, kInt4ClipSteps)
 
 constexpr int kInt4KMultiple = 32;   // k must be a multiple of this (see the header comment)
 constexpr int kInt4PerChannel = 0;   // group_size code for "the whole row"; int4_group_size() resolves it to k
@@ -104,20 +112,24 @@ void int4_unpack(const uint32_t* packed, int n, int k, uint8_t* u);
 //               rounded to the storage type first, and the one with the smaller squared error is kept.
 //   asymmetric: min/max. The min is rounded down and the scale up to the storage type, so the 16 levels
 //               m, m + s, ..., m + 15 s still cover [min, max] and every error is at most s / 2.
+//   search ClipMse: the same rules on each clipped range as well (Int4ScaleSearch), the best by squared error.
 // Throws when a scale or min does not fit the storage type (fp16 beyond 65504).
 struct Int4GroupCodes {
   uint16_t scale = 0;
   uint16_t min = 0;  // 0 for symmetric
 };
-Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u);
+Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u,
+                                   Int4ScaleSearch search = Int4ScaleSearch::None);
 
 // The symmetric rule above on any signed grid [qmin, qmax] (int4: -8..7, u = q + 8), shared with the trainer's
 // fake quantization (kernels/fake_quant.h) so that its 4-bit initial scales are int4_quantize's bit for bit.
 //   int4_symmetric_q:     q = clamp(round_half_even(x / s), qmin, qmax); s == 0 gives q = 0
 //   int4_symmetric_scale: the code of the better of bf16/fp16(amax / qmax) and (x_ext / qmin) by squared error
-//                         (ties keep amax / qmax); throws when neither fits the storage type
+//                         (ties keep amax / qmax); throws when neither fits the storage type. With ClipMse, the
+//                         same two candidates for every clipped range r amax, r x_ext, in that order.
 int int4_symmetric_q(float x, float s, int qmin, int qmax);
-uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t);
+uint16_t int4_symmetric_scale(const float* x, int len, int qmin, int qmax, ScaleType t,
+                              Int4ScaleSearch search = Int4ScaleSearch::None);
 
 // An owning host copy, e.g. what int4_quantize returns or a loader fills.
 struct Int4HostWeight {
@@ -134,7 +146,8 @@ struct Int4HostWeight {
 };
 
 // Quantizes w [n, k] (fp32, finite) group by group. group_size as for int4_group_size.
-Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4Symmetry sym, ScaleType t);
+Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4Symmetry sym, ScaleType t,
+                             Int4ScaleSearch search = Int4ScaleSearch::None);
 
 // GGUF blocks -> qkd int4, bit for bit. blocks holds n rows of k/32 blocks each (k a multiple of 32), as GGUF
 // stores a Q4_0 / Q4_1 tensor: Q4_0 block = fp16 d, 16 bytes of nibbles; Q4_1 block = fp16 d, fp16 m, 16 bytes.

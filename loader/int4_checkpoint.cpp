@@ -130,7 +130,7 @@ TensorView quantize_tensor(const std::string& source, const Slot& s, const Int4P
     }
   } else {
     try {
-      *q = int4_quantize(x.data(), n, k, gs, p.sym, p.scale_type);
+      *q = int4_quantize(x.data(), n, k, gs, p.sym, p.scale_type, p.scale_search);
     } catch (const Error& e) {
       fail("{}: {}", what, e.what());
     }
@@ -388,6 +388,7 @@ Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& par
   check_params(params);
   Int4Quantized q;
   q.params = params;
+  q.quantizer = params.scale_search == Int4ScaleSearch::ClipMse ? "rtn-clip-search" : "rtn";
   q.weights = src;  // views and storage: whatever stays unquantized stays zero-copy
   q.weights.format = kInt4CheckpointFormat;
   q.source_model = src.source;
@@ -494,6 +495,7 @@ void write_int4_checkpoint(const std::string& out, const Int4Quantized& q, const
       {"symmetric", p.sym == Int4Symmetry::Symmetric ? "true" : "false"},
       {"scale_type", scale_type_name(p.scale_type)},
       {"quantized_modules", format_int4_modules(p.modules)},
+      {"quantizer", q.quantizer},
       {"rope_layout", "interleaved"},
       {"source_model", q.source_model},
       {"source_format", q.source_format},

@@ -60,6 +60,7 @@ struct Int4Params {
   Int4Symmetry sym = Int4Symmetry::Symmetric;
   ScaleType scale_type = ScaleType::BF16;
   Int4ModuleSet modules = kInt4LinearModules;
+  Int4ScaleSearch scale_search = Int4ScaleSearch::None;  // qkd-quantize --clip-search: ClipMse
 };
 
 // Relative RMS error of one module kind over all layers: sqrt(sum (w - dequant(q(w)))^2 / sum w^2), in double.
@@ -77,6 +78,7 @@ struct Int4Quantized {
   ModelWeights weights;
   Int4Params params;
   std::string source_model, source_format;  // the source's path and loader format, for the metadata
+  std::string quantizer = "rtn";            // metadata 'quantizer': rtn, rtn-clip-search (qkd-quantize), qat
   std::vector<Int4ModuleError> errors;      // one per quantized module kind, in Int4Module order
 };
 

@@ -157,6 +157,69 @@ TEST_CASE("int4 asymmetric quantization: the levels cover the group, error at mo
   }
 }
 
+TEST_CASE("int4 clip search (ClipMse): never worse than the full range, better with outliers, the same codes otherwise") {
+  // Groups of normal values, every 16th row with a few large outliers (the case clipping is for). The squared error
+  // is measured here from the buffers (reference_dequant), not taken from the quantizer.
+  std::mt19937 rng(20261205);
+  for (Int4Symmetry sym : {Int4Symmetry::Symmetric, Int4Symmetry::Asymmetric}) {
+    for (ScaleType st : {ScaleType::BF16, ScaleType::FP16}) {
+      for (int gs : {32, 128}) {
+        CAPTURE(sym == Int4Symmetry::Symmetric);
+        CAPTURE(st == ScaleType::BF16);
+        CAPTURE(gs);
+        const int n = 64, k = 256;
+        std::vector<float> w = random_weights(rng, n, k, 0.02f, sym == Int4Symmetry::Asymmetric ? 0.005f : 0.0f);
+        std::uniform_int_distribution<int> col(0, k - 1);
+        for (int r = 0; r < n; r += 16) {
+          for (int j = 0; j < 3; ++j) w[static_cast<size_t>(r) * k + col(rng)] = (j % 2 ? -0.15f : 0.2f);
+        }
+        const Int4HostWeight plain = int4_quantize(w.data(), n, k, gs, sym, st);
+        const Int4HostWeight search = int4_quantize(w.data(), n, k, gs, sym, st, Int4ScaleSearch::ClipMse);
+        const std::vector<double> dp = reference_dequant(plain), ds = reference_dequant(search);
+        const int groups = k / gs;
+        double total_plain = 0.0, total_search = 0.0;
+        int worse = 0, better = 0, same_codes_when_equal = 0, equal = 0;
+        for (int r = 0; r < n; ++r) {
+          for (int g = 0; g < groups; ++g) {
+            double ep = 0.0, es = 0.0;
+            for (int c = g * gs; c < (g + 1) * gs; ++c) {
+              const size_t i = static_cast<size_t>(r) * k + c;
+              ep += (w[i] - dp[i]) * (w[i] - dp[i]);
+              es += (w[i] - ds[i]) * (w[i] - ds[i]);
+            }
+            total_plain += ep;
+            total_search += es;
+            // the search keeps the full range unless a clipped one is strictly better (within the rounding of
+            // this double sum against the quantizer's own)
+            if (es > ep * (1.0 + 1e-9)) ++worse;
+            if (es < ep * (1.0 - 1e-9)) ++better;
+            if (es == ep) {
+              ++equal;
+              const size_t gi = static_cast<size_t>(r) * groups + g;
+              if (search.scales[gi] == plain.scales[gi] &&
+                  (sym == Int4Symmetry::Symmetric || search.mins[gi] == plain.mins[gi]))
+                ++same_codes_when_equal;
+            }
+          }
+        }
+        CHECK(worse == 0);
+        CHECK(better > 0);
+        CHECK(total_search < total_plain);
+        CHECK(same_codes_when_equal == equal);
+        MESSAGE("squared error with the search / without: " << total_search / total_plain << " (" << better
+                                                             << " of " << n * groups << " groups better)");
+      }
+    }
+  }
+  // None is the default and the rule of every other test in this file
+  std::vector<float> w = random_weights(rng, 4, 128, 0.02f, 0.0f);
+  const Int4HostWeight a = int4_quantize(w.data(), 4, 128, 32, Int4Symmetry::Symmetric, ScaleType::BF16);
+  const Int4HostWeight b =
+      int4_quantize(w.data(), 4, 128, 32, Int4Symmetry::Symmetric, ScaleType::BF16, Int4ScaleSearch::None);
+  CHECK(a.packed == b.packed);
+  CHECK(a.scales == b.scales);
+}
+
 TEST_CASE("GGUF Q4_0 and Q4_1 map bit for bit onto fp16 g32 groups") {
   std::mt19937 rng(14);
   const int n = 3, k = 96;  // 3 blocks a row

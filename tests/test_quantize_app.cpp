@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <sstream>
 #include <string>
 
 #include <sys/wait.h>
@@ -93,6 +95,42 @@ TEST_CASE("qkd-quantize writes a checkpoint, prints per-module errors, and refus
   CHECK(r.code == 1);
   CHECK(contains(r.err, "not a qkd int4 checkpoint directory"));
   CHECK(qkd::read_text_file(mine + "/keep.txt") == "keep");
+}
+
+TEST_CASE("qkd-quantize --clip-search: lower error in every module, named in the summary and the metadata") {
+  // rel_rms_err of each module from the summary lines "qkd-quantize: <module> <tensors> <params> <err>"
+  auto errors = [](const std::string& err) {
+    std::map<std::string, double> e;
+    std::istringstream in(err);
+    std::string line;
+    while (std::getline(in, line)) {
+      std::istringstream f(line);
+      std::string tag, module, tensors, params;
+      double v = 0.0;
+      if (f >> tag >> module >> tensors >> params >> v && tag == "qkd-quantize:" && tensors != "tensors") e[module] = v;
+    }
+    return e;
+  };
+  const std::string plain = out_path("tiny-plain"), search = out_path("tiny-search");
+  Run a = run("qkd-quantize", "-m " + tiny() + " -o " + plain + " --group-size 32 --force");
+  Run b = run("qkd-quantize", "-m " + tiny() + " -o " + search + " --group-size 32 --clip-search --force");
+  INFO(a.err);
+  INFO(b.err);
+  REQUIRE(a.code == 0);
+  REQUIRE(b.code == 0);
+  CHECK(contains(a.err, "full-range groups"));
+  CHECK(contains(b.err, "clip search"));
+  const auto ea = errors(a.err), eb = errors(b.err);
+  REQUIRE(ea.size() == 7);
+  REQUIRE(eb.size() == 7);
+  for (const auto& [module, e] : ea) {
+    CAPTURE(module);
+    CHECK(eb.at(module) < e);
+  }
+  CHECK(contains(qkd::read_text_file(plain + "/model.safetensors").substr(0, 4096), "\"quantizer\":\"rtn\""));
+  CHECK(contains(qkd::read_text_file(search + "/model.safetensors").substr(0, 4096),
+                 "\"quantizer\":\"rtn-clip-search\""));
+  CHECK_NOTHROW(qkd::load_int4_checkpoint(search));  // loads like any other checkpoint
 }
 
 TEST_CASE("qkd-quantize usage errors exit 2, unquantizable models exit 1 naming the tensor") {

@@ -211,6 +211,24 @@ TEST_CASE("bad settings fail with a clear message before any work") {
   CHECK_FALSE(fs::exists(c.out));  // nothing was created by any failed run
 }
 
+TEST_CASE("--resume: a setting the checkpoint lacks (added later) counts as its default; any other change is refused") {
+  TrainConfig c;
+  nlohmann::json saved = nlohmann::json::parse(config_to_json(c));
+  saved.erase("clip_search");  // a checkpoint written before the key existed
+  CHECK_NOTHROW(check_resume_compatible(saved.dump(), config_to_json(c)));
+  TrainConfig searched = c;
+  searched.clip_search = true;
+  try {
+    check_resume_compatible(saved.dump(), config_to_json(searched));
+    FAIL("a changed setting was accepted");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).find("clip_search is true in this run but absent") != std::string::npos);
+  }
+  TrainConfig other = c;
+  other.lr = c.lr * 2;
+  CHECK_THROWS_AS(check_resume_compatible(config_to_json(c), config_to_json(other)), Error);
+}
+
 TEST_CASE("distillation lowers the KD loss, exports a loadable int4 student, and never touches the frozen bits") {
   QKD_REQUIRE_SHARED_DATA();
   test::TempDir tmp("train-kd");

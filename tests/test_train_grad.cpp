@@ -3,6 +3,7 @@
 // student (int4 g32 fake quantization with LSQ scales and clip factors, o/v frozen as int4).
 // Built twice: test_train_grad on the CPU backend (fp32: relative error per tensor within 1e-4) and
 // test_gpu_train_grad on CUDA (bf16 activations and compute weights: within 5e-2, see kGpuTol).
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -13,7 +14,9 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/dtype.h"
 #include "kernels/error.h"
+#include "kernels/int4_format.h"
 #include "kernels/fake_quant.h"
 #include "loader/hf_checkpoint.h"
 #include "loader/safetensors.h"
@@ -174,6 +177,60 @@ TEST_CASE("QAT student: int4 g32 LSQ scales, clip factors, frozen o/v: gradients
   q.frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
   compare_case("qat", q);
 }
+
+#ifndef QKD_TEST_CUDA  // host-side set-up only: once, in the CPU build of this file
+TEST_CASE("init_parameters with a clip search: frozen layers and step sizes are int4_quantize's ClipMse, bit for bit") {
+  // The fixture's student at int4 g32 (its dims are multiples of 32): with QuantSpec::scale_search = ClipMse the
+  // frozen o/v equal int4_quantize(w, ClipMse) and each trainable layer's initial step sizes are its scales; the
+  // clip search differs from the full range somewhere (else this would test nothing).
+  const ModelWeights student = load_hf_checkpoint(fixture_dir() + "/student");
+  QuantSpec q;
+  q.bits = 4;
+  q.group_size = 32;
+  q.frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
+  q.scale_search = Int4ScaleSearch::ClipMse;
+  const Plan plan = make_plan(student.config, q);
+  const HostInit init = init_parameters(plan, student, nullptr);
+  QuantSpec q_plain = q;
+  q_plain.scale_search = Int4ScaleSearch::None;
+  const HostInit plain = init_parameters(make_plan(student.config, q_plain), student, nullptr);
+  int frozen = 0, trainable = 0, differ = 0;
+  for (size_t l = 0; l < plan.layers.size(); ++l) {
+    for (const LinearPlan* lin : plan.layers[l].linears()) {
+      const LayerWeights& lw = student.layers[l];
+      const TensorView& tv = lin->module == Int4Module::Q      ? lw.wq
+                             : lin->module == Int4Module::K    ? lw.wk
+                             : lin->module == Int4Module::V    ? lw.wv
+                             : lin->module == Int4Module::O    ? lw.wo
+                             : lin->module == Int4Module::Gate ? lw.w_gate
+                             : lin->module == Int4Module::Up   ? lw.w_up
+                                                               : lw.w_down;
+      const std::vector<float> w = to_f32(tv);
+      const Int4HostWeight want =
+          int4_quantize(w.data(), lin->n, lin->k, 32, Int4Symmetry::Symmetric, ScaleType::BF16, Int4ScaleSearch::ClipMse);
+      if (lin->kind == LinearKind::Frozen) {
+        const Int4HostWeight& got = init.frozen[static_cast<size_t>(lin->frozen)];
+        CHECK(got.packed == want.packed);
+        CHECK(got.scales == want.scales);
+        differ += got.scales != plain.frozen[static_cast<size_t>(lin->frozen)].scales;
+        ++frozen;
+        continue;
+      }
+      const Segment& ss = plan.segments[static_cast<size_t>(lin->scale)];
+      REQUIRE(static_cast<size_t>(ss.numel) == want.scales.size());
+      for (int64_t j = 0; j < ss.numel; ++j) {
+        CHECK(float_to_bf16(init.master[static_cast<size_t>(ss.offset + j)]) == want.scales[static_cast<size_t>(j)]);
+      }
+      differ += !std::equal(init.master.begin() + ss.offset, init.master.begin() + ss.offset + ss.numel,
+                            plain.master.begin() + ss.offset);
+      ++trainable;
+    }
+  }
+  CHECK(frozen == 2 * static_cast<int>(plan.layers.size()));
+  CHECK(trainable == 5 * static_cast<int>(plan.layers.size()));
+  CHECK(differ > 0);
+}
+#endif
 
 TEST_CASE("evaluate: a count that is not a multiple of the micro-batch pads inside and counts only real rows") {
   // the dense student of the fixture, micro-batch = the fixture's batch; one window evaluated alone must give,

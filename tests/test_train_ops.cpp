@@ -544,15 +544,17 @@ TEST_CASE("fake_quant_init_scales: 4 bits reproduces int4_quantize bit for bit, 
     int k, gs;
   };
   int negative = 0;
+  for (Int4ScaleSearch search : {Int4ScaleSearch::None, Int4ScaleSearch::ClipMse})
   for (Shape sh : {Shape{256, 32}, Shape{256, 64}, Shape{256, 128}, Shape{256, 256}, Shape{96, 96}}) {
     const int n = 6;
     std::vector<float> w = randn_f(rng, static_cast<size_t>(n) * sh.k);
     for (int c = 0; c < sh.gs; ++c) w[static_cast<size_t>(1) * sh.k + c] = 0.0f;  // an all-zero group: scale 0
     for (int r = 2; r < n; ++r) w[static_cast<size_t>(r) * sh.k + 3] = 6.0f;   // outliers: x_ext / -8 may win
     std::vector<float> scale(static_cast<size_t>(n) * (sh.k / sh.gs));
-    cpu::fake_quant_init_scales(w.data(), n, sh.k, sh.gs, 4, scale.data());
-    const Int4HostWeight ref = int4_quantize(w.data(), n, sh.k, sh.gs, Int4Symmetry::Symmetric, ScaleType::BF16);
-    INFO("k " << sh.k << " gs " << sh.gs);
+    cpu::fake_quant_init_scales(w.data(), n, sh.k, sh.gs, 4, scale.data(), search);
+    const Int4HostWeight ref =
+        int4_quantize(w.data(), n, sh.k, sh.gs, Int4Symmetry::Symmetric, ScaleType::BF16, search);
+    INFO("k " << sh.k << " gs " << sh.gs << " clip search " << (search == Int4ScaleSearch::ClipMse));
     REQUIRE(ref.scales.size() == scale.size());
     for (size_t i = 0; i < scale.size(); ++i) {
       CHECK(float_to_bf16(scale[i]) == ref.scales[i]);

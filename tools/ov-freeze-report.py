@@ -734,12 +734,21 @@ def main():
         doc += ["The commands of one row of each kind (every row's are in its JSON under `commands`):", "", "```sh"]
         doc += examples + ["```", ""]
     out = os.path.join(a.docs, NAME + ".md")
+    # Sections written by hand (other recipes, other measurements) follow KEEP_MARKER and are carried over as they are.
+    tail = ""
+    if os.path.exists(out):
+        old = open(out).read()
+        if KEEP_MARKER in old:
+            tail = old[old.index(KEEP_MARKER):]
     with open(out + ".tmp", "w") as f:
-        f.write("\n".join(doc) + "\n")
+        f.write("\n".join(doc) + "\n" + tail)
     os.replace(out + ".tmp", out)
     print(f"ov-freeze-report: wrote {out} and {', '.join(files) or 'no plots'}", file=sys.stderr)
     if a.print:
         print("\n".join(table + [""] + targets + [""] + summary))
+
+
+KEEP_MARKER = "<!-- Hand-written sections below: tools/ov-freeze-report.py keeps them when it rewrites this file. -->"
 
 
 def rtn_check(rows):

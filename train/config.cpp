@@ -3,6 +3,7 @@
 #include <cmath>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <variant>
 
@@ -37,6 +38,7 @@ std::vector<Key> keys(TrainConfig& c) {
       {"group_size", &c.group_size, true},
       {"freeze", &c.freeze, true},
       {"clip", &c.clip, true},
+      {"clip_search", &c.clip_search, true},
       {"data", &c.data, false},
       {"val_data", &c.val_data, false},
       {"val_fraction", &c.val_fraction, true},
@@ -164,12 +166,17 @@ std::vector<std::string> trajectory_keys() {
 void check_resume_compatible(const std::string& saved_json, const std::string& current_json) {
   const auto saved = nlohmann::json::parse(saved_json);
   const auto cur = nlohmann::json::parse(current_json);
+  // A key added after the checkpoint was written is absent from it: the run that wrote it had the key's default.
+  TrainConfig defaults;
+  std::map<std::string, nlohmann::json> default_of;
+  for (const Key& k : keys(defaults)) default_of[k.name] = to_json(k);
   for (const std::string& k : trajectory_keys()) {
     const bool in_saved = saved.contains(k);
-    QKD_CHECK(in_saved && saved[k] == cur[k],
+    const nlohmann::json was = in_saved ? saved[k] : default_of[k];
+    QKD_CHECK(was == cur[k],
               "--resume: {} is {} in this run but {} in the checkpoint; a resumed run must use the settings it was "
               "started with",
-              k, cur[k].dump(), in_saved ? saved[k].dump() : "absent");
+              k, cur[k].dump(), in_saved ? saved[k].dump() : "absent (written before the key existed: " + was.dump() + ")");
   }
 }
 
@@ -254,6 +261,7 @@ QuantSpec quant_spec(const TrainConfig& c) {
   q.bits = c.bits;
   q.group_size = c.group_size == 0 ? kInt4PerChannel : c.group_size;
   q.clip = c.clip;
+  q.scale_search = c.clip_search ? Int4ScaleSearch::ClipMse : Int4ScaleSearch::None;
   q.frozen = c.freeze == "none" ? 0 : parse_int4_modules(c.freeze, "--freeze");
   return q;
 }

@@ -26,6 +26,7 @@ struct TrainConfig {
   int group_size = 128;            // 32, 64, 128, or 0 for per-channel
   std::string freeze = "o,v";      // none, or a list from q,k,v,o,gate,up,down
   bool clip = false;               // learnable clip factor per module
+  bool clip_search = false;        // frozen layers and LSQ step sizes start from a clip search (not full range)
   // data
   std::string data;                // comma-separated text files
   std::string val_data;            // comma-separated text files; default: the last val_fraction of `data`

@@ -168,7 +168,7 @@ HostInit init_parameters(const Plan& plan, const ModelWeights& init, const Model
         to_f32(t, w.data());
         std::vector<float> s(static_cast<size_t>(lin->n) * (lin->k / g));
         const int fb = plan.quant.frozen_bits_resolved();
-        cpu::fake_quant_init_scales(w.data(), lin->n, lin->k, g, fb, s.data());
+        cpu::fake_quant_init_scales(w.data(), lin->n, lin->k, g, fb, s.data(), plan.quant.scale_search);
         h.frozen[static_cast<size_t>(lin->frozen)] = cpu::fake_quant_export(w.data(), s.data(), nullptr, lin->n, lin->k, g, fb);
         continue;
       }
@@ -188,7 +188,8 @@ HostInit init_parameters(const Plan& plan, const ModelWeights& init, const Model
                   qw.sym == Int4Symmetry::Symmetric ? "symmetric" : "asymmetric", g);
         for (int64_t j = 0; j < ss.numel; ++j) scale[j] = int4_scale_to_float(qw.scales[j], qw.scale_type);
       } else {
-        cpu::fake_quant_init_scales(h.master.data() + ws.offset, lin->n, lin->k, g, plan.quant.bits, scale);
+        cpu::fake_quant_init_scales(h.master.data() + ws.offset, lin->n, lin->k, g, plan.quant.bits, scale,
+                                    plan.quant.scale_search);
       }
       if (lin->clip >= 0) h.master[static_cast<size_t>(plan.segments[static_cast<size_t>(lin->clip)].offset)] = 1.0f;
     }
@@ -202,6 +203,7 @@ Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
   Int4Quantized q;
   q.source_model = source_model;
   q.source_format = "qkd-train";
+  q.quantizer = "qat";  // learned scales (LSQ), the frozen layers round to nearest
   q.params.group_size = plan.quant.group_size;
   q.params.sym = Int4Symmetry::Symmetric;
   q.params.scale_type = ScaleType::BF16;

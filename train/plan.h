@@ -33,6 +33,8 @@ struct QuantSpec {
   bool clip = false;                             // learnable per-module clip factor (arXiv 2203.10705)
   Int4ModuleSet frozen = int4_module_bit(Int4Module::O) | int4_module_bit(Int4Module::V);
   int frozen_bits = 0;                           // bits of the frozen layers, 2..4; 0 = `bits`
+  // how the frozen layers' scales and the LSQ step sizes start (--clip-search: ClipMse; kernels/int4_format.h)
+  Int4ScaleSearch scale_search = Int4ScaleSearch::None;
   int frozen_bits_resolved() const { return frozen_bits != 0 ? frozen_bits : bits; }
 };
 

@@ -104,7 +104,8 @@ void fake_quant_backward(const FakeQuantBackwardArgs& a) {
   }
 }
 
-void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bits, float* scale) {
+void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bits, float* scale,
+                            Int4ScaleSearch search) {
   fake_quant_check(n, k, group_size, bits, "fake_quant_init_scales");
   const Grid q = grid_of(bits);
   const int groups = k / group_size;
@@ -120,7 +121,7 @@ void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bi
       }
       for (int g = 0; g < groups; ++g) {
         const uint16_t code = int4_symmetric_scale(row + static_cast<int64_t>(g) * group_size, group_size, q.qmin,
-                                                   q.qmax, ScaleType::BF16);
+                                                   q.qmax, ScaleType::BF16, search);
         scale[static_cast<int64_t>(r) * groups + g] = bf16_to_float(code);
       }
     } catch (const Error& e) {
