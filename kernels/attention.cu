@@ -55,9 +55,10 @@ constexpr int smem_stride() {
   return D + 8;
 }
 
+// Q tiles of `rows` rows, K[2] and V[2] tiles of kBlockN rows.
 template <int D>
-constexpr size_t smem_bytes() {
-  return static_cast<size_t>(kBlockM + 4 * kBlockN) * smem_stride<D>() * sizeof(__nv_bfloat16);  // Q, K[2], V[2]
+constexpr size_t smem_bytes(int rows) {
+  return static_cast<size_t>(rows + 4 * kBlockN) * smem_stride<D>() * sizeof(__nv_bfloat16);
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __nv_bfloat16* smem) {
@@ -106,11 +107,6 @@ constexpr int fwd_m_tiles() {
 template <int D>
 constexpr int fwd_block_m() {
   return kBlockM * fwd_m_tiles<D>();
-}
-
-template <int D>
-constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(fwd_block_m<D>() + 4 * kBlockN) * smem_stride<D>() * sizeof(__nv_bfloat16);
 }
 
 template <int D>
@@ -320,7 +316,7 @@ static __global__ void __launch_bounds__(kThreads)
 
 template <int D>
 static void attention_forward_launch(const AttentionArgs<__nv_bfloat16>& a, cudaStream_t stream) {
-  constexpr size_t bytes = fwd_smem_bytes<D>();
+  constexpr size_t bytes = smem_bytes<D>(fwd_block_m<D>());
   constexpr int BM = fwd_block_m<D>();
   CUDA_CHECK(cudaFuncSetAttribute(attention_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(bytes)));
@@ -401,7 +397,7 @@ constexpr size_t bwd_dkdv_smem_bytes() {
 
 template <int D>
 constexpr size_t bwd_dq_smem_bytes() {
-  return smem_bytes<D>() + static_cast<size_t>(kBlockM) * smem_stride<D>() * sizeof(__nv_bfloat16);  // + dO
+  return smem_bytes<D>(kBlockM) + static_cast<size_t>(kBlockM) * smem_stride<D>() * sizeof(__nv_bfloat16);  // + dO
 }
 
 }  // namespace

@@ -50,10 +50,6 @@ constexpr int64_t kLogitsBytes = int64_t{64} << 20;
 // Device memory the model does not allocate itself but needs free: cuBLASLt's handle and kernels, the CUDA
 // graphs' executables and lazily loaded kernel modules. An estimate with room to spare.
 constexpr int64_t kRuntimeReserve = int64_t{256} << 20;
-// Prefill steps of at least kDequantMinRows rows (kernels/int4_dequant.h) with int4 weights run cuBLASLt on bf16
-// copies of the weights made one layer ahead on a second stream instead of the fused int4 GEMM; the dequantization
-// overlaps the previous layer's GEMMs. Two layers' bf16 weights of scratch (808 MiB for a 7B model) buy it.
-constexpr int kDequantRows = kDequantMinRows;
 // Graphs kept (one per batch size and pick); older ones are dropped first.
 constexpr size_t kMaxGraphs = 16;
 
@@ -127,7 +123,7 @@ class CudaModelImpl final : public CudaModel {
   // y = x . W^T (+ y); `dense`, when given, is a bf16 copy of an int4 W to run through cuBLASLt instead.
   void linear(const DeviceLinear& w, const bf16* dense, const bf16* x, bf16* y, int m, Accumulate mode);
   void enqueue_layers(int batch, int len, const int32_t* tok, const int32_t* pos, const int32_t* start);
-  // On dq_stream_: layer l's int4 weights into scratch slot l % 2 (see kDequantRows).
+  // On dq_stream_: layer l's int4 weights into scratch slot l % 2 (see kDequantMinRows).
   void stage_dequant(int l);
   void lm_head(const bf16* h, int m);  // logits_[m, vocab] = h[m, dim] . lm_head^T, fp32
   void write_decode_inputs(std::span<const int32_t> tokens, std::span<const int32_t> start_pos,
@@ -154,7 +150,9 @@ class CudaModelImpl final : public CudaModel {
   std::vector<Layer> layers_;
   std::vector<std::string> layer_formats_;
 
-  // Dequantized prefill (kDequantRows): two slots, each with room for one layer's qkv, wo, gate_up and down.
+  // Dequantized prefill (steps of kDequantMinRows rows or more, kernels/int4_dequant.h): cuBLASLt on bf16 copies made
+  // one layer ahead on a second stream, overlapping the previous layer's GEMMs. Two slots, each with room for one
+  // layer's qkv, wo, gate_up and down (808 MiB for a 7B model).
   bool dequant_prefill_ = false;
   size_t off_slot_[2] = {0, 0};
   size_t slot_qkv_ = 0, slot_wo_ = 0, slot_gate_up_ = 0, slot_down_ = 0;  // element offsets within a slot
@@ -369,7 +367,7 @@ void CudaModelImpl::plan(const ModelWeights* w, int quantize_group) {
   for (const Layer& L : layers_) {
     for (const DeviceLinear* d : {&L.qkv, &L.wo, &L.gate_up, &L.down}) any_int4 = any_int4 || d->fmt.int4;
   }
-  dequant_prefill_ = any_int4 && step_rows_ >= kDequantRows;
+  dequant_prefill_ = any_int4 && step_rows_ >= kDequantMinRows;
   if (dequant_prefill_) {
     const Layer& L = layers_[0];  // every layer has the same shapes
     slot_qkv_ = 0;
@@ -452,7 +450,7 @@ void CudaModelImpl::enqueue_layers(int batch, int len, const int32_t* tok, const
   const int64_t kv_batch_stride = c.n_kv_heads * kv_head_stride;
   const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
   // Decode steps (len 1, also those captured in a graph) never take the dequantized path.
-  const bool dq = dequant_prefill_ && len > 1 && n >= kDequantRows;
+  const bool dq = dequant_prefill_ && len > 1 && n >= kDequantMinRows;
   if (dq) {  // the slots are free once everything enqueued before this step has run
     CUDA_CHECK(cudaEventRecord(dq_start_.get(), s));
     CUDA_CHECK(cudaStreamWaitEvent(dq_stream_.get(), dq_start_.get()));

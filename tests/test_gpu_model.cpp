@@ -216,7 +216,7 @@ TEST_CASE("teacher-25m: int4 on CUDA matches the CPU on the same dequantized wei
   check_prefill_and_decode("int4 quantized at load vs I4 views", *at_load, *from_i4, 2, 40, 1e-6, 5);
 
   // A long prompt: its first 512-row prefill step runs cuBLASLt on weights dequantized one layer ahead on a
-  // second stream (kDequantRows in runtime/cuda_model.cpp), its second step (88 rows) the fused int4 GEMM.
+  // second stream (kDequantMinRows in kernels/int4_dequant.h), its second step (88 rows) the fused int4 GEMM.
   auto long_i4 = gpu(q.i4, 2, 320);
   auto long_c = cpu(q.f32, 2, 320);
   check_prefill_and_decode("int4, 300-token prompt (dequantized prefill)", *long_i4, *long_c, 2, 300, kBf16ModelTol, 8);
