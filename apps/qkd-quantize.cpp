@@ -1,5 +1,6 @@
-// qkd-quantize: round-to-nearest int4 quantization of an HF, llama2.c or GGUF model into a qkd int4 checkpoint
-// directory (loader/int4_checkpoint.h), or with --format gguf into a GGUF Q4_0 / Q4_1 file (loader/gguf_writer.h).
+// qkd-quantize: int4 quantization of an HF, llama2.c or GGUF model into a qkd int4 checkpoint directory
+// (loader/int4_checkpoint.h), or with --format gguf into a GGUF Q4_0 / Q4_1 file (loader/gguf_writer.h): round to
+// nearest, or GPTQ with --gptq FILES (calibration Hessians from runtime/calibrate.h, kernels/int4_gptq.h).
 // --clip-search picks each group's range by squared error among clipped candidates (Int4ScaleSearch::ClipMse).
 // Prints each module's relative RMS quantization error to stderr.
 #include <cstdio>
@@ -12,7 +13,11 @@
 #include "apps/model_setup.h"
 #include "kernels/error.h"
 #include "loader/gguf_writer.h"
+#include "loader/bundle.h"
 #include "loader/int4_checkpoint.h"
+#include "runtime/calibrate.h"
+#include "runtime/eval.h"
+#include "train/config.h"
 
 namespace {
 
@@ -24,10 +29,12 @@ int parse_group_size(const std::string& s) {
 
 void print_summary(const qkd::Int4Quantized& q, const std::string& group) {
   const qkd::Int4Params& p = q.params;
-  std::fprintf(stderr, "qkd-quantize: int4, group %s, %s, %s scales, modules %s, %s\n", group.c_str(),
+  std::fprintf(stderr, "qkd-quantize: int4, group %s, %s, %s scales, modules %s, %s, quantizer %s\n", group.c_str(),
                p.sym == qkd::Int4Symmetry::Symmetric ? "symmetric" : "asymmetric",
                p.scale_type == qkd::ScaleType::BF16 ? "bf16" : "fp16", qkd::format_int4_modules(p.modules).c_str(),
-               p.scale_search == qkd::Int4ScaleSearch::ClipMse ? "clip search" : "full-range groups");
+               p.scale_search == qkd::Int4ScaleSearch::ClipMse ? "clip search" : "full-range groups",
+               q.quantizer.c_str());
+  for (const std::string& note : q.notes) std::fprintf(stderr, "qkd-quantize: warning: %s\n", note.c_str());
   std::fprintf(stderr, "qkd-quantize: %-8s %8s %10s %12s\n", "module", "tensors", "params", "rel_rms_err");
   for (const qkd::Int4ModuleError& e : q.errors)
     std::fprintf(stderr, "qkd-quantize: %-8s %8d %10s %12.6f\n", qkd::int4_module_name(e.module), e.tensors,
@@ -38,13 +45,15 @@ void print_summary(const qkd::Int4Quantized& q, const std::string& group) {
 
 int main(int argc, char** argv) {
   return qkd::cli::run_app("qkd-quantize", [&] {
-    std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down";
+    std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down", gptq;
     std::optional<std::string> group, scale_type;
+    int gptq_tokens = static_cast<int>(qkd::runtime::kCalibrationTokens);
+    float gptq_damp = static_cast<float>(qkd::kGptqDefaultDamp);
     bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false,
          clip_search = false;
     qkd::cli::ArgParser p("qkd-quantize",
-                          "Round-to-nearest int4 quantization of a model into a qkd int4 checkpoint directory "
-                          "(or a GGUF Q4_0/Q4_1 file with --format gguf).");
+                          "Int4 quantization of a model, round to nearest or GPTQ (--gptq), into a qkd int4 "
+                          "checkpoint directory (or a GGUF Q4_0/Q4_1 file with --format gguf).");
     p.add("-m,--model", &model, "PATH", "the model: an HF directory, a llama2.c .bin or a .gguf");
     p.add("-o,--output", &out, "PATH", "the checkpoint directory (qkd) or file (gguf) to write");
     p.add("--format", &format, "qkd|gguf", "qkd int4 checkpoint, or GGUF Q4_0 (--sym) / Q4_1 (--asym)");
@@ -57,6 +66,11 @@ int main(int argc, char** argv) {
     p.add_switch("--quantize-lm-head", &quantize_lm_head, "quantize the LM head too");
     p.add_switch("--clip-search", &clip_search,
                  "per group, also try ranges clipped to 0.975..0.525 of max|w| and keep the least squared error");
+    p.add("--gptq", &gptq, "FILES",
+          "GPTQ with calibration text (comma-separated files; documents as qkd-eval reads them), not round to "
+          "nearest; never calibrate on the text you evaluate on");
+    p.add("--gptq-tokens", &gptq_tokens, "N", "calibration tokens, in windows of min(context, 512)");
+    p.add("--gptq-damp", &gptq_damp, "F", "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1)");
     p.add_switch("--force", &force, "replace an existing output (only a qkd checkpoint or a GGUF file)");
     if (!p.parse(argc, argv)) return 0;
 
@@ -65,6 +79,11 @@ int main(int argc, char** argv) {
     if (format != "qkd" && format != "gguf")
       throw qkd::cli::UsageError(fmt::format("--format: '{}' is not qkd or gguf", format));
     if (sym && asym) throw qkd::cli::UsageError("--sym and --asym exclude each other");
+    const std::vector<std::string> gptq_files = qkd::train::split_list(gptq);
+    if (!gptq.empty() && gptq_files.empty()) throw qkd::cli::UsageError(fmt::format("--gptq: '{}' names no file", gptq));
+    if (!(gptq_damp > 0.0f && gptq_damp < 1.0f))
+      throw qkd::cli::UsageError(fmt::format("--gptq-damp: {} is not in (0, 1)", gptq_damp));
+    if (gptq_tokens <= 0) throw qkd::cli::UsageError(fmt::format("--gptq-tokens: {} is not positive", gptq_tokens));
     const bool gguf = format == "gguf";
     qkd::Int4Params params;
     params.sym = asym ? qkd::Int4Symmetry::Asymmetric : qkd::Int4Symmetry::Symmetric;
@@ -95,10 +114,31 @@ int main(int argc, char** argv) {
     } else {
       qkd::check_int4_output(out, overwrite);
     }
-    const qkd::ModelWeights src = qkd::load_model(model);
+    // GPTQ tokenizes its calibration text, so it loads the tokenizer with the model.
+    qkd::ModelBundle b;
+    if (gptq_files.empty()) {
+      b.weights = qkd::load_model(model);
+    } else {
+      b = qkd::load_bundle(model);
+    }
+    const qkd::ModelWeights& src = b.weights;
     std::fprintf(stderr, "qkd-quantize: model %s (%s, dim %d, %d layers, vocab %d)\n", model.c_str(),
                  src.format.c_str(), src.config.dim, src.config.n_layers, src.config.vocab_size);
-    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, params);
+    std::optional<qkd::Int4Calibration> calibration;
+    if (!gptq_files.empty()) {
+      const std::vector<int32_t> stream = qkd::runtime::tokenize_text_files(gptq_files, *b.tokenizer, "--gptq");
+      qkd::runtime::CalibrationOptions co;
+      co.tokens = gptq_tokens;
+      co.percdamp = gptq_damp;
+      try {
+        calibration = qkd::runtime::collect_hessians(src, stream, co);
+      } catch (const qkd::Error& e) {
+        qkd::fail("--gptq {} (--gptq-tokens {}): {}", gptq, gptq_tokens, e.what());
+      }
+      std::fprintf(stderr, "qkd-quantize: GPTQ calibration on %lld tokens of %s (of %zu), percdamp %g\n",
+                   static_cast<long long>(calibration->tokens), gptq.c_str(), stream.size(), gptq_damp);
+    }
+    const qkd::Int4Quantized q = qkd::quantize_model_int4(src, params, calibration ? &*calibration : nullptr);
     print_summary(q, group_text);
 
     if (gguf) {

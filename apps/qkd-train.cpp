@@ -33,7 +33,9 @@ int main(int argc, char** argv) {
     p.add("--mode", &c.mode, "MODE", "distill (KL to the teacher) or pretrain (cross-entropy only)");
     p.add("--teacher", &c.teacher, "PATH", "the teacher model (HF directory, GGUF, llama2.c, qkd int4)");
     p.add("--init", &c.init, "PATH", "the student's starting weights (default: the teacher)");
-    p.add("--init-scales", &c.init_scales, "DIR", "a qkd int4 checkpoint whose scales start the learned step sizes");
+    p.add("--init-scales", &c.init_scales, "DIR",
+          "a qkd int4 checkpoint (e.g. qkd-quantize --gptq) whose scales start the learned step sizes and whose "
+          "codes and scales the frozen layers take as they are (symmetric, the same group size, --bits 4)");
     p.add("--out", &c.out, "DIR", "output directory");
     p.add("--backend", &c.backend, "NAME", "auto, cpu or cuda");
     p.add("--gpus", &c.gpus, "N", "data parallel over N GPUs of this host through NCCL");

@@ -168,8 +168,7 @@ Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, Sc
     constexpr int kQmin = -kInt4Zero, kQmax = 15 - kInt4Zero;
     Int4GroupCodes codes;
     codes.scale = int4_symmetric_scale(x, len, kQmin, kQmax, t, search);
-    const float s = int4_scale_to_float(codes.scale, t);
-    for (int i = 0; i < len; ++i) u[i] = static_cast<uint8_t>(int4_symmetric_q(x[i], s, kQmin, kQmax) + kInt4Zero);
+    for (int i = 0; i < len; ++i) u[i] = int4_quantize_value(x[i], codes, sym, t);
     return codes;
   }
 
@@ -205,9 +204,16 @@ Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, Sc
       }
     }
   }
-  const double m = int4_scale_to_float(best.min, t), s = int4_scale_to_float(best.scale, t);
-  for (int i = 0; i < len; ++i) u[i] = asymmetric_u(x[i], m, s);
+  for (int i = 0; i < len; ++i) u[i] = int4_quantize_value(x[i], best, sym, t);
   return best;
+}
+
+uint8_t int4_quantize_value(float x, const Int4GroupCodes& codes, Int4Symmetry sym, ScaleType t) {
+  if (sym == Int4Symmetry::Symmetric) {
+    const float s = int4_scale_to_float(codes.scale, t);
+    return static_cast<uint8_t>(int4_symmetric_q(x, s, -kInt4Zero, 15 - kInt4Zero) + kInt4Zero);
+  }
+  return asymmetric_u(x, int4_scale_to_float(codes.min, t), int4_scale_to_float(codes.scale, t));
 }
 
 Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4Symmetry sym, ScaleType t,

@@ -120,6 +120,10 @@ struct Int4GroupCodes {
 };
 Int4GroupCodes int4_quantize_group(const float* x, int len, Int4Symmetry sym, ScaleType t, uint8_t* u,
                                    Int4ScaleSearch search = Int4ScaleSearch::None);
+// The nibble of one value on a group's grid, the rounding int4_quantize_group applies to each of its values:
+// symmetric u = int4_symmetric_q(x, s, -8, 7) + 8, asymmetric u = clamp(round_half_even((x - m) / s), 0, 15) in
+// double (u = 0 when s = 0). GPTQ (kernels/int4_gptq.h) rounds each column with it on scales fixed earlier.
+uint8_t int4_quantize_value(float x, const Int4GroupCodes& codes, Int4Symmetry sym, ScaleType t);
 
 // The symmetric rule above on any signed grid [qmin, qmax] (int4: -8..7, u = q + 8), shared with the trainer's
 // fake quantization (kernels/fake_quant.h) so that its 4-bit initial scales are int4_quantize's bit for bit.

@@ -48,6 +48,7 @@ struct Slot {
   int kind;            // an Int4Module, or kNorm
   TensorView* view;
   std::vector<int64_t> shape;
+  int layer = -1;      // the decoder layer it belongs to; -1 for the embeddings, the final norm and lm_head
 };
 
 // Every tensor of w in file order; w->layers must already hold config.n_layers entries. lm_head only when untied.
@@ -62,15 +63,15 @@ std::vector<Slot> model_slots(const ModelConfig& c, ModelWeights* w) {
   for (int i = 0; i < c.n_layers; ++i) {
     LayerWeights& l = w->layers[static_cast<size_t>(i)];
     const std::string p = fmt::format("model.layers.{}.", i);
-    s.push_back({p + "input_layernorm", kNorm, &l.attn_norm, {dim}});
-    s.push_back({p + hf_linear_name(Int4Module::Q), kind(Int4Module::Q), &l.wq, {q_rows, dim}});
-    s.push_back({p + hf_linear_name(Int4Module::K), kind(Int4Module::K), &l.wk, {kv_rows, dim}});
-    s.push_back({p + hf_linear_name(Int4Module::V), kind(Int4Module::V), &l.wv, {kv_rows, dim}});
-    s.push_back({p + hf_linear_name(Int4Module::O), kind(Int4Module::O), &l.wo, {dim, q_rows}});
-    s.push_back({p + "post_attention_layernorm", kNorm, &l.ffn_norm, {dim}});
-    s.push_back({p + hf_linear_name(Int4Module::Gate), kind(Int4Module::Gate), &l.w_gate, {ffn, dim}});
-    s.push_back({p + hf_linear_name(Int4Module::Up), kind(Int4Module::Up), &l.w_up, {ffn, dim}});
-    s.push_back({p + hf_linear_name(Int4Module::Down), kind(Int4Module::Down), &l.w_down, {dim, ffn}});
+    s.push_back({p + "input_layernorm", kNorm, &l.attn_norm, {dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::Q), kind(Int4Module::Q), &l.wq, {q_rows, dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::K), kind(Int4Module::K), &l.wk, {kv_rows, dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::V), kind(Int4Module::V), &l.wv, {kv_rows, dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::O), kind(Int4Module::O), &l.wo, {dim, q_rows}, i});
+    s.push_back({p + "post_attention_layernorm", kNorm, &l.ffn_norm, {dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::Gate), kind(Int4Module::Gate), &l.w_gate, {ffn, dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::Up), kind(Int4Module::Up), &l.w_up, {ffn, dim}, i});
+    s.push_back({p + hf_linear_name(Int4Module::Down), kind(Int4Module::Down), &l.w_down, {dim, ffn}, i});
   }
   s.push_back({"model.norm", kNorm, &w->norm, {dim}});
   if (!c.tied_embeddings) s.push_back({"lm_head", kind(Int4Module::LmHead), &w->lm_head, {vocab, dim}});
@@ -101,8 +102,14 @@ TensorView owned_view(std::string name, DType dtype, std::vector<int64_t> shape,
   return t;
 }
 
-TensorView quantize_tensor(const std::string& source, const Slot& s, const Int4Params& p, ModelWeights& w,
-                           Int4ModuleError& err) {
+// GPTQ's inputs for one tensor: its Hessian and the dampening; null for round to nearest.
+struct GptqInput {
+  const std::vector<double>* hessian;
+  double percdamp;
+};
+
+TensorView quantize_tensor(const std::string& source, const Slot& s, const Int4Params& p, const GptqInput* gptq,
+                           ModelWeights& w, Int4ModuleError& err, std::vector<std::string>& notes) {
   const TensorView& t = *s.view;
   QKD_CHECK(t.shape == s.shape, "{}: tensor '{}': shape {} disagrees with the config's [{}]", source, t.name,
             t.shape_str(), fmt::join(s.shape, ", "));
@@ -116,8 +123,31 @@ TensorView quantize_tensor(const std::string& source, const Slot& s, const Int4P
   auto q = std::make_shared<Int4HostWeight>();
   const bool fp16_g32 = p.scale_type == ScaleType::FP16 && gs == 32;
   const auto* blocks = reinterpret_cast<const uint8_t*>(t.data);
-  if (fp16_g32 && ((t.dtype == DType::Q4_0 && p.sym == Int4Symmetry::Symmetric) ||
-                   (t.dtype == DType::Q4_1 && p.sym == Int4Symmetry::Asymmetric))) {
+  if (gptq != nullptr) {
+    QKD_CHECK(gptq->hessian->size() == static_cast<size_t>(k) * k,
+              "{}: the calibration Hessian has {} entries, k = {} needs {}", what, gptq->hessian->size(), k,
+              static_cast<size_t>(k) * k);
+    Int4GptqArgs a;
+    a.w = x.data();
+    a.hessian = gptq->hessian->data();
+    a.n = n;
+    a.k = k;
+    a.group_size = gs;
+    a.sym = p.sym;
+    a.scale_type = p.scale_type;
+    a.search = p.scale_search;
+    a.percdamp = gptq->percdamp;
+    try {
+      Int4GptqResult r = int4_gptq_quantize(a);
+      if (r.percdamp != a.percdamp)
+        notes.push_back(fmt::format("{}: GPTQ dampening raised from {} to {} (the Hessian was not positive definite)",
+                                    t.name, a.percdamp, r.percdamp));
+      *q = std::move(r.weight);
+    } catch (const Error& e) {
+      fail("{}: {}", what, e.what());
+    }
+  } else if (fp16_g32 && ((t.dtype == DType::Q4_0 && p.sym == Int4Symmetry::Symmetric) ||
+                          (t.dtype == DType::Q4_1 && p.sym == Int4Symmetry::Asymmetric))) {
     // GGUF's own 4-bit blocks are already this format: copy the bits instead of re-rounding rounded values.
     *q = Int4HostWeight{{}, {}, {}, n, k, gs, p.sym, p.scale_type};
     q->packed.resize(static_cast<size_t>(n) * (k / 8));
@@ -384,11 +414,25 @@ std::string format_int4_modules(Int4ModuleSet s) {
 
 double Int4ModuleError::rel_rms() const { return sum_sq > 0.0 ? std::sqrt(sum_sq_err / sum_sq) : 0.0; }
 
-Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& params) {
+LinearInput int4_linear_input(Int4Module m) {
+  switch (m) {
+    case Int4Module::Q:
+    case Int4Module::K:
+    case Int4Module::V: return LinearInput::AttnNorm;
+    case Int4Module::O: return LinearInput::Attention;
+    case Int4Module::Gate:
+    case Int4Module::Up: return LinearInput::FfnNorm;
+    case Int4Module::Down: return LinearInput::Swiglu;
+    default: fail("int4_linear_input: {} is not a decoder layer's linear module", int4_module_name(m));
+  }
+}
+
+Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& params, const Int4Calibration* gptq) {
   check_params(params);
   Int4Quantized q;
   q.params = params;
-  q.quantizer = params.scale_search == Int4ScaleSearch::ClipMse ? "rtn-clip-search" : "rtn";
+  q.quantizer = std::string(gptq != nullptr ? "gptq" : "rtn") +
+                (params.scale_search == Int4ScaleSearch::ClipMse ? "-clip-search" : "");
   q.weights = src;  // views and storage: whatever stays unquantized stays zero-copy
   q.weights.format = kInt4CheckpointFormat;
   q.source_model = src.source;
@@ -402,10 +446,22 @@ Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& par
           quantized(params.modules, static_cast<int>(Int4Module::LmHead)))
     c.tied_embeddings = false;
 
+  QKD_CHECK(gptq == nullptr || gptq->hessians.size() == static_cast<size_t>(c.n_layers),
+            "{}: the GPTQ calibration has {} layers, the model {}", src.source,
+            gptq == nullptr ? 0 : gptq->hessians.size(), c.n_layers);
+
   std::vector<Int4ModuleError> errors(kInt4ModuleCount);
   for (const Slot& s : model_slots(c, &q.weights)) {
     if (quantized(params.modules, s.kind)) {
-      *s.view = quantize_tensor(src.source, s, params, q.weights, errors[static_cast<size_t>(s.kind)]);
+      const auto m = static_cast<Int4Module>(s.kind);
+      GptqInput in{};
+      const bool use_gptq = gptq != nullptr && m != Int4Module::Embed && m != Int4Module::LmHead;
+      if (use_gptq) {
+        in.hessian = &gptq->hessians[static_cast<size_t>(s.layer)][static_cast<size_t>(int4_linear_input(m))];
+        in.percdamp = gptq->percdamp;
+      }
+      *s.view = quantize_tensor(src.source, s, params, use_gptq ? &in : nullptr, q.weights,
+                                errors[static_cast<size_t>(s.kind)], q.notes);
     } else if (!is_dense(s.view->dtype)) {
       // GGUF blocks (and int4) are not safetensors dtypes; their exact fp32 values are.
       auto buf = std::make_shared<std::vector<float>>(to_f32(*s.view));
@@ -621,6 +677,15 @@ ModelWeights load_int4_checkpoint(const std::string& path) {
   }
   w.storage.push_back(st);
   return w;
+}
+
+std::string int4_checkpoint_quantizer(const std::string& path) {
+  QKD_CHECK(is_int4_checkpoint(path), "{}: not a qkd int4 checkpoint", path);
+  std::error_code ec;
+  const std::string file = fs::is_directory(path, ec) ? (fs::path(path) / kWeightsFile).string() : path;
+  const std::shared_ptr<const SafetensorsFile> st = SafetensorsFile::open(file);
+  const auto it = st->metadata().find("quantizer");
+  return it != st->metadata().end() ? it->second : std::string();
 }
 
 std::string model_config_to_hf_json(const ModelConfig& c) {

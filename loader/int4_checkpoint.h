@@ -1,5 +1,6 @@
-// qkd int4 checkpoints: round-to-nearest quantization of a loaded model into the int4 format
-// (kernels/int4_format.h, docs/int4-format.md), and the checkpoint directory that stores it, defined here.
+// qkd int4 checkpoints: quantization of a loaded model into the int4 format (kernels/int4_format.h,
+// docs/int4-format.md) by round to nearest or GPTQ (kernels/int4_gptq.h, with calibration Hessians from
+// runtime/calibrate.h), and the checkpoint directory that stores it, defined here.
 //
 // A checkpoint is a directory, so that `qkd-run -m DIR` finds the weights and the tokenizer together:
 //   model.safetensors   every tensor, and the "__metadata__" block below (self-contained: the config is in it)
@@ -23,15 +24,20 @@
 //   format "qkd-int4", format_version "1", bits "4", group_size "32" | "64" | "128" | "channel",
 //   symmetric "true" | "false", scale_type "bf16" | "fp16",
 //   quantized_modules  comma list from q,k,v,o,gate,up,down,embed,lm_head (e.g. "q,k,v,o,gate,up,down"),
+//   quantizer "rtn" | "rtn-clip-search" | "gptq" | "gptq-clip-search" (qkd-quantize), "qat" or "qat (frozen:
+//   <quantizer>)" (qkd-train, the frozen layers' codes taken from an --init-scales checkpoint of that quantizer);
+//   it records how the codes were chosen and is not checked when loading,
 //   rope_layout "interleaved", source_model (the path quantized), source_format ("hf", "llama2c", "gguf"),
 //   config (the model config as Hugging Face config.json text; it wins over config.json).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "kernels/int4_format.h"
+#include "kernels/int4_gptq.h"
 #include "loader/atomic_file.h"
 #include "loader/model.h"
 
@@ -63,6 +69,19 @@ struct Int4Params {
   Int4ScaleSearch scale_search = Int4ScaleSearch::None;  // qkd-quantize --clip-search: ClipMse
 };
 
+// The input a decoder layer's linear module reads (q, k, v: AttnNorm; o: Attention; gate, up: FfnNorm; down:
+// Swiglu); embed and lm_head are not such modules and throw.
+LinearInput int4_linear_input(Int4Module m);
+
+// GPTQ's calibration (runtime/calibrate.h): per decoder layer and linear input, the Hessian H = (2 / N) sum x x^T
+// of the input rows x over the N calibration tokens, [cols, cols] row-major in double. One pass of the
+// unquantized model: every layer sees the full-precision activations, not those of already quantized layers.
+struct Int4Calibration {
+  std::vector<std::array<std::vector<double>, kLinearInputCount>> hessians;  // [n_layers][LinearInput]
+  int64_t tokens = 0;                                                        // N
+  double percdamp = kGptqDefaultDamp;                                        // kernels/int4_gptq.h
+};
+
 // Relative RMS error of one module kind over all layers: sqrt(sum (w - dequant(q(w)))^2 / sum w^2), in double.
 struct Int4ModuleError {
   Int4Module module = Int4Module::Q;
@@ -78,14 +97,18 @@ struct Int4Quantized {
   ModelWeights weights;
   Int4Params params;
   std::string source_model, source_format;  // the source's path and loader format, for the metadata
-  std::string quantizer = "rtn";            // metadata 'quantizer': rtn, rtn-clip-search (qkd-quantize), qat
+  std::string quantizer = "rtn";            // metadata 'quantizer' (see the header comment)
   std::vector<Int4ModuleError> errors;      // one per quantized module kind, in Int4Module order
+  std::vector<std::string> notes;           // e.g. a GPTQ dampening raised for a tensor, for the user to see
 };
 
-// Quantizes src (any loader's ModelWeights) round-to-nearest with int4_quantize. A Q4_0 (Q4_1) GGUF weight asked
-// for as symmetric (asymmetric) fp16 g32 is copied bit for bit (int4_from_q4_0 / _1) instead. Throws qkd::Error
-// naming the tensor when its k does not fit the group size or a value cannot be quantized.
-Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& params);
+// Quantizes src (any loader's ModelWeights): round to nearest with int4_quantize, or, given a calibration, GPTQ
+// (int4_gptq_quantize) for the decoder layers' linear modules; embed and lm_head, when quantized, always round to
+// nearest. Without a calibration, a Q4_0 (Q4_1) GGUF weight asked for as symmetric (asymmetric) fp16 g32 is
+// copied bit for bit (int4_from_q4_0 / _1). Throws qkd::Error naming the tensor when its k does not fit the group
+// size, a value cannot be quantized or its Hessian is not positive definite even after GPTQ's dampening retries.
+Int4Quantized quantize_model_int4(const ModelWeights& src, const Int4Params& params,
+                                  const Int4Calibration* gptq = nullptr);
 
 // Throws qkd::Error unless `out` may be written: with Refuse it must not exist; with Replace it may also be an
 // existing qkd int4 checkpoint directory or an empty directory (never any other directory: --force must not
@@ -114,6 +137,10 @@ bool is_int4_checkpoint(const std::string& path);
 // shape the config and group size give; no unexpected tensor. format = "qkd-int4". Throws qkd::Error naming the
 // file, the tensor or metadata key, and the value.
 ModelWeights load_int4_checkpoint(const std::string& path);
+
+// The metadata 'quantizer' of a checkpoint (directory or model.safetensors), "" when it has none (written before
+// the key existed). Throws qkd::Error when `path` is not a qkd int4 checkpoint.
+std::string int4_checkpoint_quantizer(const std::string& path);
 
 // A ModelConfig as Hugging Face config.json text (model_type llama, rope_parameters in the transformers 5 style),
 // which parse_hf_config (loader/hf_checkpoint.h) reads back to the same config.

@@ -55,6 +55,11 @@ struct LayerWeights {
   TensorView w_down;     // [dim, ffn_dim]
 };
 
+// The four distinct inputs of a decoder layer's linear modules: q, k and v read the attention norm's output, o
+// the attention's output, gate and up the FFN norm's output, down the SwiGLU output.
+enum class LinearInput : uint8_t { AttnNorm, Attention, FfnNorm, Swiglu };
+constexpr int kLinearInputCount = 4;
+
 struct ModelWeights {
   ModelConfig config;
   std::string source;          // the path it was loaded from, for messages

@@ -7,11 +7,13 @@
 // The residual stream x goes through each layer as
 //   h = rmsnorm(x) -> q, k, v -> RoPE(q, k) -> cache <- k, v -> attention -> o-proj -> delta
 //   x += delta; h = rmsnorm(x) -> gate, up -> swiglu -> down -> delta
-// and every "x += delta; rmsnorm" pair is one fused rmsnorm call (kernels/rmsnorm.h).
+// and every "x += delta; rmsnorm" pair is one fused rmsnorm call (kernels/rmsnorm.h). An optional hook sees the
+// inputs of the linear modules (h, attention, h, swiglu) as they are made, for calibration (runtime/calibrate.h).
 #include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -47,7 +49,7 @@ struct CpuLayer {
 
 class CpuModel final : public Model {
  public:
-  CpuModel(const ModelWeights& w, const ModelOptions& opt);
+  CpuModel(const ModelWeights& w, const ModelOptions& opt, LinearInputHook linear_inputs);
 
   const ModelConfig& config() const override { return cfg_; }
   BackendKind backend() const override { return BackendKind::Cpu; }
@@ -63,7 +65,13 @@ class CpuModel final : public Model {
   void forward_chunk(std::span<const int32_t> tokens, int batch, int seq_len, std::span<const int32_t> start_pos,
                      int s0, int len);
 
+  // rows [n, cols] of one of layer l's linear inputs, to the hook when there is one
+  void observe(int l, LinearInput in, const std::vector<float>& x, int n, int cols) const {
+    if (linear_inputs_) linear_inputs_(l, in, x.data(), n, cols);
+  }
+
   ModelConfig cfg_;
+  LinearInputHook linear_inputs_;
   int max_batch_, ctx_, chunk_len_;
   int q_dim_, kv_dim_;
   std::vector<float> tok_embeddings_, norm_, lm_head_storage_;
@@ -76,7 +84,8 @@ class CpuModel final : public Model {
   std::vector<int32_t> tok_, pos_, chunk_start_;
 };
 
-CpuModel::CpuModel(const ModelWeights& w, const ModelOptions& opt) : cfg_(w.config) {
+CpuModel::CpuModel(const ModelWeights& w, const ModelOptions& opt, LinearInputHook linear_inputs)
+    : cfg_(w.config), linear_inputs_(std::move(linear_inputs)) {
   const ModelConfig& c = cfg_;
   QKD_CHECK(c.dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0 && c.ffn_dim > 0 &&
                 c.vocab_size > 0,
@@ -165,6 +174,7 @@ void CpuModel::forward_chunk(std::span<const int32_t> tokens, int batch, int seq
     // The first layer normalizes the embeddings; later ones first add the previous MLP's output.
     cpu::rmsnorm_forward({h_.data(), x_.data(), l == 0 ? nullptr : delta_.data(), L.attn_norm.data(), nullptr, n,
                           c.dim, c.norm_eps});
+    observe(l, LinearInput::AttnNorm, h_, n, c.dim);
     cpu::matmul_forward({q_.data(), h_.data(), L.wq.data(), n, q_dim_, c.dim});
     cpu::matmul_forward({k_.data(), h_.data(), L.wk.data(), n, kv_dim_, c.dim});
     cpu::matmul_forward({v_.data(), h_.data(), L.wv.data(), n, kv_dim_, c.dim});
@@ -182,12 +192,15 @@ void CpuModel::forward_chunk(std::span<const int32_t> tokens, int batch, int seq
     cpu::attention_forward({attn_.data(), q_.data(), L.k_cache.get(), L.v_cache.get(), nullptr, chunk_start_.data(),
                             batch, len, c.n_heads, c.n_kv_heads, c.head_dim, kv_batch_stride, kv_head_stride,
                             c.head_dim, scale});
+    observe(l, LinearInput::Attention, attn_, n, q_dim_);
     cpu::matmul_forward({delta_.data(), attn_.data(), L.wo.data(), n, c.dim, q_dim_});
 
     cpu::rmsnorm_forward({h_.data(), x_.data(), delta_.data(), L.ffn_norm.data(), nullptr, n, c.dim, c.norm_eps});
+    observe(l, LinearInput::FfnNorm, h_, n, c.dim);
     cpu::matmul_forward({gate_.data(), h_.data(), L.w_gate.data(), n, c.ffn_dim, c.dim});
     cpu::matmul_forward({up_.data(), h_.data(), L.w_up.data(), n, c.ffn_dim, c.dim});
     cpu::swiglu_forward({act_.data(), gate_.data(), up_.data(), n, c.ffn_dim, c.ffn_dim});
+    observe(l, LinearInput::Swiglu, act_, n, c.ffn_dim);
     cpu::matmul_forward({delta_.data(), act_.data(), L.w_down.data(), n, c.dim, c.ffn_dim});
   }
   cpu::rmsnorm_forward({h_.data(), x_.data(), delta_.data(), norm_.data(), nullptr, n, c.dim, c.norm_eps});
@@ -219,8 +232,8 @@ void CpuModel::forward(std::span<const int32_t> tokens, int batch, int seq_len, 
 
 }  // namespace
 
-std::unique_ptr<Model> make_cpu_model(const ModelWeights& w, const ModelOptions& opt) {
-  return std::make_unique<CpuModel>(w, opt);
+std::unique_ptr<Model> make_cpu_model(const ModelWeights& w, const ModelOptions& opt, LinearInputHook linear_inputs) {
+  return std::make_unique<CpuModel>(w, opt, std::move(linear_inputs));
 }
 
 }  // namespace qkd::runtime

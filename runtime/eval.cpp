@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
+#include <sstream>
 
 #include "kernels/error.h"
 
@@ -64,6 +66,24 @@ std::vector<int32_t> tokenize_documents(const Tokenizer& tok, std::span<const st
   for (std::string_view d : docs) {
     const std::vector<int32_t> ids = tok.encode(d, /*add_bos=*/true, /*add_eos=*/true);
     stream.insert(stream.end(), ids.begin(), ids.end());
+  }
+  return stream;
+}
+
+std::vector<int32_t> tokenize_text_files(const std::vector<std::string>& paths, const Tokenizer& tok,
+                                         const std::string& flag) {
+  std::vector<int32_t> stream;
+  for (const std::string& p : paths) {
+    std::ifstream f(p, std::ios::binary);
+    QKD_CHECK(f.good(), "{} {}: cannot open the file", flag, p);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    QKD_CHECK(!f.bad(), "{} {}: read error", flag, p);
+    const std::string text = ss.str();
+    const auto docs = split_documents(text);
+    QKD_CHECK(!docs.empty(), "{} {}: the file holds no text", flag, p);
+    const std::vector<int32_t> t = tokenize_documents(tok, docs);
+    stream.insert(stream.end(), t.begin(), t.end());
   }
   return stream;
 }

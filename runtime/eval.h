@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -31,6 +32,11 @@ namespace qkd::runtime {
 std::vector<std::string_view> split_documents(std::string_view text);
 
 std::vector<int32_t> tokenize_documents(const Tokenizer& tok, std::span<const std::string_view> docs);
+
+// Steps 1 and 2 over text files, concatenated in order. Throws qkd::Error naming `flag` and the file when it
+// cannot be read or holds no document.
+std::vector<int32_t> tokenize_text_files(const std::vector<std::string>& paths, const Tokenizer& tok,
+                                         const std::string& flag);
 
 struct EvalResult {
   int64_t n_tokens = 0;   // tokens scored

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -72,7 +73,11 @@ void check_forward_inputs(const Model& m, std::span<const int32_t> tokens, int b
 // Builds the model on the requested backend. Auto picks CUDA when a GPU and the CUDA backend are available,
 // otherwise the CPU with a note on stderr.
 std::unique_ptr<Model> make_model(const ModelWeights& w, const ModelOptions& opt);
-std::unique_ptr<Model> make_cpu_model(const ModelWeights& w, const ModelOptions& opt);
+// CPU only: called during each forward step with the rows x [rows, cols] that one of a layer's linear inputs
+// (loader/model.h) holds for that step, e.g. to collect GPTQ's calibration statistics (runtime/calibrate.h).
+using LinearInputHook = std::function<void(int layer, LinearInput input, const float* x, int rows, int cols)>;
+std::unique_ptr<Model> make_cpu_model(const ModelWeights& w, const ModelOptions& opt,
+                                      LinearInputHook linear_inputs = {});
 // The CUDA backend (runtime/cuda_model.h has its benchmark interface). Throws qkd::Error when no CUDA device is
 // present or the model does not fit in the GPU's free memory.
 std::unique_ptr<Model> make_cuda_model(const ModelWeights& w, const ModelOptions& opt);

@@ -165,6 +165,50 @@ TEST_CASE("qkd-quantize --format gguf writes a GGUF that refuses to be overwritt
   CHECK(run("qkd-quantize", "-m " + src + " -o " + out + " --format gguf --force").code == 0);
 }
 
+TEST_CASE("qkd-quantize --gptq: calibrated checkpoints and GGUF files; bad calibration input names the flag") {
+  // The GGUF fixture carries its tokenizer, which the calibration text needs.
+  const std::string m = "-m " + qkd::test::fixtures_dir() + "/gguf/tiny-llama.gguf --group-size 32 --force ";
+  const std::string text = qkd::test::fixtures_dir() + "/hf/eval.txt";
+  const std::string out = out_path("tiny-gptq"), clip = out_path("tiny-gptq-clip");
+  Run r = run("qkd-quantize", m + "-o " + out + " --gptq " + text + " --gptq-tokens 256");
+  INFO(r.err);
+  REQUIRE(r.code == 0);
+  CHECK(contains(r.err, "GPTQ calibration on 256 tokens of " + text));
+  CHECK(contains(r.err, "quantizer gptq"));
+  CHECK(contains(qkd::read_text_file(out + "/model.safetensors").substr(0, 4096), "\"quantizer\":\"gptq\""));
+  CHECK_NOTHROW(qkd::load_int4_checkpoint(out));
+  r = run("qkd-quantize", m + "-o " + clip + " --clip-search --asym --gptq " + text + "," + text + " --gptq-damp 0.1");
+  REQUIRE(r.code == 0);
+  CHECK(contains(qkd::read_text_file(clip + "/model.safetensors").substr(0, 4096),
+                 "\"quantizer\":\"gptq-clip-search\""));
+  r = run("qkd-quantize", m + "-o " + out_path("tiny-gptq.gguf") + " --format gguf --gptq " + text);
+  CHECK(r.code == 0);
+  CHECK(qkd::read_text_file(out_path("tiny-gptq.gguf")).substr(0, 4) == "GGUF");
+
+  for (const auto& [bad, want] : {std::pair{"--gptq-damp 0", "--gptq-damp: 0 is not in (0, 1)"},
+                                  std::pair{"--gptq-damp 1", "--gptq-damp: 1 is not in (0, 1)"},
+                                  std::pair{"--gptq-tokens 0", "--gptq-tokens: 0 is not positive"},
+                                  std::pair{"--gptq ,", "--gptq: ',' names no file"}}) {
+    r = run("qkd-quantize", m + "-o " + out_path("never") + " --gptq " + text + " " + bad);
+    INFO(bad << ": " << r.err);
+    CHECK(r.code == 2);
+    CHECK(contains(r.err, want));
+  }
+  const std::string empty = out_path("empty.txt");
+  std::ofstream(empty) << "\n \n";
+  for (const auto& [bad, want] :
+       {std::pair{"--gptq " + out_path("missing.txt"), "--gptq " + out_path("missing.txt") + ": cannot open the file"},
+        std::pair{"--gptq " + empty, "--gptq " + empty + ": the file holds no text"},
+        std::pair{"--gptq " + text + " --gptq-tokens 8",
+                  std::string("--gptq-tokens 8): calibration: 8 tokens are fewer than one window")}}) {
+    r = run("qkd-quantize", m + "-o " + out_path("never") + " " + bad);
+    INFO(bad << ": " << r.err);
+    CHECK(r.code == 1);
+    CHECK(contains(r.err, want));
+  }
+  CHECK_FALSE(fs::exists(out_path("never")));
+}
+
 TEST_CASE("qkd-run generates from the int4 checkpoints qkd-quantize writes") {
   QKD_REQUIRE_SHARED_DATA();
   const std::string data = qkd::test::shared_data();

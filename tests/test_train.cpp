@@ -26,10 +26,12 @@
 
 #include "kernels/error.h"
 #include "kernels/fake_quant.h"
+#include "loader/bundle.h"
 #include "loader/hf_checkpoint.h"
 #include "loader/int4_checkpoint.h"
 #include "loader/safetensors.h"
 #include "test_util.h"
+#include "runtime/calibrate.h"
 #include "runtime/model.h"
 #include "train/checkpoint.h"
 #include "train/data.h"
@@ -290,6 +292,71 @@ TEST_CASE("distillation lowers the KD loss, exports a loadable int4 student, and
   }());
   CHECK(st.step == 50);
   CHECK(st.frozen.size() == 16);
+}
+
+TEST_CASE("--init-scales: the frozen layers take the checkpoint's GPTQ codes bit for bit; mismatches are errors") {
+  QKD_REQUIRE_SHARED_DATA();
+  test::TempDir tmp("train-gptq");
+  TrainConfig c = small_config(tmp / "out");
+  c.steps = 2;
+  c.save_every = 0;
+  const ModelBundle b = load_bundle(c.teacher);
+  runtime::CalibrationOptions co;
+  co.tokens = 512;  // one window: enough for a Hessian of rank > dim
+  const Int4Calibration cal = runtime::collect_hessians(b.weights, tokenize_files({c.data}, *b.tokenizer), co);
+  auto gptq_checkpoint = [&](const std::string& name, Int4Params p) {
+    write_int4_checkpoint(tmp / name, quantize_model_int4(b.weights, p, &cal), {}, Overwrite::Refuse);
+    return tmp / name;
+  };
+  c.init_scales = gptq_checkpoint("g128", Int4Params{});
+  const TrainResult r = run_training(c, quiet());
+  REQUIRE(r.steps_done == 2);
+
+  const ModelWeights from = load_int4_checkpoint(c.init_scales);
+  const ModelWeights student = load_int4_checkpoint(r.model_dir);
+  CHECK(int4_checkpoint_quantizer(r.model_dir) == "qat (frozen: gptq)");
+  int differs_from_rtn = 0;
+  for (size_t l = 0; l < from.layers.size(); ++l) {
+    for (const auto& [fv, sv, tv] : {std::tuple{&from.layers[l].wo, &student.layers[l].wo, &b.weights.layers[l].wo},
+                                     std::tuple{&from.layers[l].wv, &student.layers[l].wv, &b.weights.layers[l].wv}}) {
+      const Int4Weight want = fv->int4_weight(), got = sv->int4_weight();
+      REQUIRE(sv->dtype == DType::I4);
+      CHECK(std::memcmp(got.packed, want.packed, int4_packed_bytes(want.n, want.k)) == 0);
+      CHECK(std::memcmp(got.scales, want.scales, int4_scales_bytes(want.n, want.k, want.group_size)) == 0);
+      // GPTQ's codes are not round to nearest's, so the check above would notice a re-quantization
+      const std::vector<float> w = to_f32(*tv);
+      const Int4HostWeight rtn = int4_quantize(w.data(), want.n, want.k, 128, Int4Symmetry::Symmetric, ScaleType::BF16);
+      differs_from_rtn += std::memcmp(rtn.packed.data(), want.packed, rtn.packed.size() * 4) != 0;
+    }
+  }
+  CHECK(differs_from_rtn == 16);
+
+  // Mismatches name the checkpoint, the layer and the module (q frozen: it is checked before any other layer).
+  c.freeze = "q,v";
+  auto error = [&](TrainConfig x, const std::string& out) {
+    x.out = tmp / out;
+    return error_of([&] { run_training(x, quiet()); });
+  };
+  Int4Params asym;
+  asym.sym = Int4Symmetry::Asymmetric;
+  Int4Params g64;
+  g64.group_size = 64;
+  Int4Params no_q;
+  no_q.modules &= ~int4_module_bit(Int4Module::Q);
+  const std::string where = "--init-scales " + (tmp / "{}") + ": layer 0 q (frozen): ";
+  for (const auto& [name, params, bits, want] :
+       {std::tuple{"asym", asym, 4, "asymmetric, the student's frozen layers are symmetric"},
+        std::tuple{"g64", g64, 4, "group size 64, the student uses 128"},
+        std::tuple{"no-q", no_q, 4, "in the checkpoint, not int4"},
+        std::tuple{"g128", Int4Params{}, 3, "the frozen layers are 3-bit; codes from an int4 checkpoint need --bits 4"}}) {
+    CAPTURE(name);
+    TrainConfig x = c;
+    x.init_scales = std::string(name) == "g128" ? c.init_scales : gptq_checkpoint(name, params);
+    x.bits = bits;
+    const std::string e = error(x, std::string("bad-") + name);
+    CHECK(e.find(fmt::format(fmt::runtime(where), name)) != std::string::npos);
+    CHECK(e.find(want) != std::string::npos);
+  }
 }
 
 TEST_CASE("a resumed run repeats the uninterrupted loss trajectory exactly") {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <span>
@@ -78,8 +79,15 @@ inline ModelWeights make_tiny_model(const ModelConfig& c, uint32_t seed, bool ti
   return w;
 }
 
+// Sees each layer's linear inputs [tokens, cols] as the reference computes them (loader/model.h's LinearInput).
+using ReferenceObserver = std::function<void(int layer, LinearInput input, const std::vector<double>& x)>;
+
 // Logits [tokens.size(), vocab] of the sequence tokens at positions 0.., in double.
-inline std::vector<double> reference_logits(const ModelWeights& w, std::span<const int32_t> tokens) {
+inline std::vector<double> reference_logits(const ModelWeights& w, std::span<const int32_t> tokens,
+                                            const ReferenceObserver& observe = {}) {
+  auto seen = [&](int layer, LinearInput in, const std::vector<double>& x) {
+    if (observe) observe(layer, in, x);
+  };
   const ModelConfig& c = w.config;
   const int n = static_cast<int>(tokens.size()), dim = c.dim, hd = c.head_dim;
   const int q_dim = c.n_heads * hd, kv_dim = c.n_kv_heads * hd, ffn = c.ffn_dim;
@@ -124,8 +132,10 @@ inline std::vector<double> reference_logits(const ModelWeights& w, std::span<con
     for (int i = 0; i < dim; ++i) x[t * dim + i] = emb[static_cast<size_t>(tokens[t]) * dim + i];
 
   const int group = c.n_heads / c.n_kv_heads;
-  for (const LayerWeights& L : w.layers) {
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& L = w.layers[static_cast<size_t>(l)];
     std::vector<double> h = rmsnorm(x, f64(L.attn_norm));
+    seen(l, LinearInput::AttnNorm, h);
     std::vector<double> q = linear(h, f64(L.wq), n, dim, q_dim);
     std::vector<double> k = linear(h, f64(L.wk), n, dim, kv_dim);
     const std::vector<double> v = linear(h, f64(L.wv), n, dim, kv_dim);
@@ -153,13 +163,16 @@ inline std::vector<double> reference_logits(const ModelWeights& w, std::span<con
           for (int e = 0; e < hd; ++e) att[(t * c.n_heads + hh) * hd + e] += s[j] / z * v[(j * c.n_kv_heads + g) * hd + e];
       }
     }
+    seen(l, LinearInput::Attention, att);
     const std::vector<double> o = linear(att, f64(L.wo), n, q_dim, dim);
     for (size_t i = 0; i < x.size(); ++i) x[i] += o[i];
     h = rmsnorm(x, f64(L.ffn_norm));
+    seen(l, LinearInput::FfnNorm, h);
     const std::vector<double> gate = linear(h, f64(L.w_gate), n, dim, ffn);
     const std::vector<double> up = linear(h, f64(L.w_up), n, dim, ffn);
     std::vector<double> act(gate.size());
     for (size_t i = 0; i < act.size(); ++i) act[i] = gate[i] / (1.0 + std::exp(-gate[i])) * up[i];
+    seen(l, LinearInput::Swiglu, act);
     const std::vector<double> down = linear(act, f64(L.w_down), n, ffn, dim);
     for (size_t i = 0; i < x.size(); ++i) x[i] += down[i];
   }

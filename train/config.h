@@ -17,7 +17,8 @@ struct TrainConfig {
   std::string mode = "distill";    // distill | pretrain
   std::string teacher;             // distill: the bf16 teacher (any model qkd loads)
   std::string init;                // the student's starting weights; default: the teacher
-  std::string init_scales;         // a qkd int4 checkpoint whose scales start the LSQ step sizes
+  std::string init_scales;         // a qkd int4 checkpoint whose scales start the LSQ step sizes and whose codes and
+                                   // scales the frozen layers take bit for bit (e.g. qkd-quantize --gptq)
   std::string out;                 // output directory: checkpoint/, model/ (the int4 export), metrics.jsonl
   std::string backend = "auto";    // auto | cpu | cuda
   int gpus = 1;                    // > 1: data parallel over that many GPUs (NCCL)

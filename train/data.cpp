@@ -2,8 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "kernels/error.h"
 #include "runtime/eval.h"
@@ -31,20 +29,7 @@ Windows make_windows(std::span<const int32_t> stream, int seq_len) {
 }
 
 std::vector<int32_t> tokenize_files(const std::vector<std::string>& paths, const Tokenizer& tok) {
-  std::vector<int32_t> stream;
-  for (const std::string& p : paths) {
-    std::ifstream f(p, std::ios::binary);
-    QKD_CHECK(f.good(), "--data {}: cannot open the file", p);
-    std::stringstream ss;
-    ss << f.rdbuf();
-    QKD_CHECK(!f.bad(), "--data {}: read error", p);
-    const std::string text = ss.str();
-    const auto docs = runtime::split_documents(text);
-    QKD_CHECK(!docs.empty(), "--data {}: the file holds no text", p);
-    const std::vector<int32_t> t = runtime::tokenize_documents(tok, docs);
-    stream.insert(stream.end(), t.begin(), t.end());
-  }
-  return stream;
+  return runtime::tokenize_text_files(paths, tok, "--data");
 }
 
 Windows split_off_tail(Windows& w, float fraction) {

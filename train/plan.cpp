@@ -47,6 +47,29 @@ TensorView& layer_view(LayerWeights& l, Int4Module m) {
   return const_cast<TensorView&>(layer_view(static_cast<const LayerWeights&>(l), m));
 }
 
+// A frozen layer's packed codes and scales taken bit for bit from an int4 checkpoint (qkd-quantize --gptq, say),
+// which must hold it the way the student keeps frozen layers: int4, the student's group size, symmetric, bf16
+// scales, and the frozen layers must be 4-bit (fewer bits would use only part of the checkpoint's 16 levels).
+Int4HostWeight frozen_from_checkpoint(const ModelWeights& ckpt, size_t layer, const LinearPlan& lin, int group,
+                                      int bits) {
+  const TensorView& t = layer_view(ckpt.layers[layer], lin.module);
+  const std::string where =
+      fmt::format("--init-scales {}: layer {} {} (frozen)", ckpt.source, layer, int4_module_name(lin.module));
+  QKD_CHECK(bits == 4, "{}: the frozen layers are {}-bit; codes from an int4 checkpoint need --bits 4", where, bits);
+  QKD_CHECK(t.dtype == DType::I4, "{}: is {} in the checkpoint, not int4 (quantize it there: --modules)", where,
+            dtype_name(t.dtype));
+  const Int4Weight q = t.int4_weight();
+  QKD_CHECK(q.n == lin.n && q.k == lin.k, "{}: shape [{}, {}], the student's is [{}, {}]", where, q.n, q.k, lin.n,
+            lin.k);
+  QKD_CHECK(q.group_size == group, "{}: group size {}, the student uses {}", where, q.group_size, group);
+  QKD_CHECK(q.sym == Int4Symmetry::Symmetric, "{}: asymmetric, the student's frozen layers are symmetric", where);
+  QKD_CHECK(q.scale_type == ScaleType::BF16, "{}: fp16 scales, the student's frozen layers keep bf16 scales", where);
+  Int4HostWeight w{{}, {}, {}, q.n, q.k, group, Int4Symmetry::Symmetric, ScaleType::BF16};
+  w.packed.assign(q.packed, q.packed + static_cast<size_t>(q.n) * (q.k / 8));
+  w.scales.assign(q.scales, q.scales + static_cast<size_t>(q.n) * (q.k / group));
+  return w;
+}
+
 }  // namespace
 
 std::string linear_module_name(int layer, Int4Module m) {
@@ -162,6 +185,11 @@ HostInit init_parameters(const Plan& plan, const ModelWeights& init, const Model
       const TensorView& t = layer_view(lw, lin->module);
       const int g = lin->kind == LinearKind::Dense ? 0 : plan.group_size(*lin);
       if (lin->kind == LinearKind::Frozen) {
+        if (scales_from != nullptr) {
+          h.frozen[static_cast<size_t>(lin->frozen)] =
+              frozen_from_checkpoint(*scales_from, i, *lin, g, plan.quant.frozen_bits_resolved());
+          continue;
+        }
         QKD_CHECK(t.numel() == int64_t{lin->n} * lin->k, "{}: layer {} {} has shape {}, expected [{}, {}]",
                   init.source, i, int4_module_name(lin->module), t.shape_str(), lin->n, lin->k);
         w.resize(static_cast<size_t>(t.numel()));
@@ -203,7 +231,7 @@ Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
   Int4Quantized q;
   q.source_model = source_model;
   q.source_format = "qkd-train";
-  q.quantizer = "qat";  // learned scales (LSQ), the frozen layers round to nearest
+  q.quantizer = "qat";  // learned scales (LSQ); the trainer notes frozen layers taken from a checkpoint
   q.params.group_size = plan.quant.group_size;
   q.params.sym = Int4Symmetry::Symmetric;
   q.params.scale_type = ScaleType::BF16;

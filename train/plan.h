@@ -4,7 +4,8 @@
 // Every trainable tensor is a segment of ONE flat fp32 buffer (the master weights); the gradients and the two
 // AdamW moments use the same layout, so clipping, the optimizer and checkpoints each see a single array. Each
 // linear module of each layer is one of:
-//   Frozen     quantized once (round to nearest, `bits`), held as packed int4 and run through the int4 GEMM in
+//   Frozen     quantized once (round to nearest, `bits`; or taken from an --init-scales checkpoint's codes, e.g.
+//              GPTQ's), held as packed int4 and run through the int4 GEMM in
 //              the forward and the backward-data pass; no master copy, no gradient, no optimizer state
 //              (ov-freeze, arXiv 2403.18159, freezes o and v).
 //   Quantized  fp32 master weight + learnable per-group scales (+ an optional per-module clip factor), run
@@ -89,9 +90,11 @@ Plan make_plan(const ModelConfig& c, const QuantSpec& q);
 std::string linear_module_name(int layer, Int4Module m);
 
 // Initial values, on the host: the master weights from `init` (a model of the same shape: the teacher, or any
-// loader's model), the step sizes by round to nearest or from `scales_from` (a qkd int4 checkpoint with the same
-// group size, may be null), clip factors 1, and the frozen modules quantized once. Throws qkd::Error naming the
-// tensor when a shape differs.
+// loader's model), clip factors 1, and from `scales_from` (a qkd int4 checkpoint, may be null) when given, else
+// by round to nearest: the step sizes, and the frozen modules, whose packed codes and scales it then supplies bit
+// for bit (the checkpoint must hold them as int4 with the student's group size, symmetric, bf16 scales, and the
+// frozen bits must be 4). Throws qkd::Error naming the tensor (or the checkpoint, layer and module) and the
+// mismatch.
 struct HostInit {
   std::vector<float> master;                // [plan.total]
   std::vector<Int4HostWeight> frozen;       // [plan.n_frozen]

@@ -321,7 +321,12 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
   // Export the student as a qkd int4 checkpoint.
   std::vector<float> master, m, v;
   engine->get_state(master, m, v);
-  const Int4Quantized q = export_student(plan, master, engine->frozen_weights(), init_path);
+  Int4Quantized q = export_student(plan, master, engine->frozen_weights(), init_path);
+  // The frozen layers' codes came from the --init-scales checkpoint: say how that one chose them.
+  if (!cfg.init_scales.empty() && plan.n_frozen > 0) {
+    const std::string from = int4_checkpoint_quantizer(cfg.init_scales);
+    q.quantizer = fmt::format("qat (frozen: {})", from.empty() ? "checkpoint" : from);
+  }
   const std::string model_dir = (fs::path(cfg.out) / "model").string();
   write_int4_checkpoint(model_dir, q, int4_companion_files(distill ? teacher.weights : init.weights),
                         Overwrite::Replace);
