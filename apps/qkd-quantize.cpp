@@ -3,7 +3,9 @@
 // nearest, or GPTQ with --gptq FILES (calibration Hessians from runtime/calibrate.h, kernels/int4_gptq.h).
 // --clip-search picks each group's range by squared error among clipped candidates (Int4ScaleSearch::ClipMse).
 // Prints each module's relative RMS quantization error to stderr.
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -47,8 +49,10 @@ int main(int argc, char** argv) {
   return qkd::cli::run_app("qkd-quantize", [&] {
     std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down", gptq;
     std::optional<std::string> group, scale_type;
-    int gptq_tokens = static_cast<int>(qkd::runtime::kCalibrationTokens);
-    float gptq_damp = static_cast<float>(qkd::kGptqDefaultDamp);
+    // sentinels for "not given", so that a GPTQ setting without --gptq is refused rather than ignored
+    constexpr int kUnsetTokens = std::numeric_limits<int>::min();
+    int gptq_tokens = kUnsetTokens;
+    float gptq_damp = std::numeric_limits<float>::quiet_NaN();
     bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false,
          clip_search = false;
     qkd::cli::ArgParser p("qkd-quantize",
@@ -81,6 +85,11 @@ int main(int argc, char** argv) {
     if (sym && asym) throw qkd::cli::UsageError("--sym and --asym exclude each other");
     const std::vector<std::string> gptq_files = qkd::train::split_list(gptq);
     if (!gptq.empty() && gptq_files.empty()) throw qkd::cli::UsageError(fmt::format("--gptq: '{}' names no file", gptq));
+    if (gptq.empty() && (gptq_tokens != kUnsetTokens || !std::isnan(gptq_damp)))
+      throw qkd::cli::UsageError(fmt::format("{} is a GPTQ setting: give --gptq FILES too",
+                                             gptq_tokens != kUnsetTokens ? "--gptq-tokens" : "--gptq-damp"));
+    if (gptq_tokens == kUnsetTokens) gptq_tokens = static_cast<int>(qkd::runtime::kCalibrationTokens);
+    if (std::isnan(gptq_damp)) gptq_damp = static_cast<float>(qkd::kGptqDefaultDamp);
     if (!(gptq_damp > 0.0f && gptq_damp < 1.0f))
       throw qkd::cli::UsageError(fmt::format("--gptq-damp: {} is not in (0, 1)", gptq_damp));
     if (gptq_tokens <= 0) throw qkd::cli::UsageError(fmt::format("--gptq-tokens: {} is not positive", gptq_tokens));

@@ -194,6 +194,14 @@ TEST_CASE("qkd-quantize --gptq: calibrated checkpoints and GGUF files; bad calib
     CHECK(r.code == 2);
     CHECK(contains(r.err, want));
   }
+  // a GPTQ setting without --gptq would otherwise be silently ignored
+  for (const auto& [bad, want] : {std::pair{"--gptq-tokens 1024", "--gptq-tokens is a GPTQ setting"},
+                                  std::pair{"--gptq-damp 0.1", "--gptq-damp is a GPTQ setting"}}) {
+    r = run("qkd-quantize", m + "-o " + out_path("never") + " " + bad);
+    INFO(bad << ": " << r.err);
+    CHECK(r.code == 2);
+    CHECK(contains(r.err, want));
+  }
   const std::string empty = out_path("empty.txt");
   std::ofstream(empty) << "\n \n";
   for (const auto& [bad, want] :
