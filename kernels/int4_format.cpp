@@ -233,8 +233,7 @@ Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4S
 
   // Rows are independent; the failure of the lowest row is kept (whatever the thread timing) and rethrown after
   // the loop, since no exception may leave an OpenMP region.
-  std::string error;
-  int error_row = n;
+  FirstError first_error;
 #pragma omp parallel
   {
     std::vector<uint8_t> u(k);
@@ -257,15 +256,11 @@ Int4HostWeight int4_quantize(const float* w, int n, int k, int group_size, Int4S
         }
         int4_pack(u.data(), 1, k, out.packed.data() + static_cast<size_t>(r) * (k / 8));
       } catch (const Error& e) {
-#pragma omp critical(qkd_int4_quantize_error)
-        if (r < error_row) {
-          error_row = r;
-          error = e.what();
-        }
+        first_error.keep(r, e);
       }
     }
   }
-  if (!error.empty()) throw Error(error);
+  first_error.rethrow();
   return out;
 }
 

@@ -204,8 +204,7 @@ Int4GptqResult int4_gptq_quantize(const Int4GptqArgs& a) {
   // leave an OpenMP region (as in int4_quantize).
   const TileArgs t{u, dead, a, gs};
   const int tiles = (a.n + kRowTile - 1) / kRowTile;
-  std::string error;
-  int error_tile = tiles;
+  FirstError first_error;
 #pragma omp parallel
   {
     std::vector<double> w(static_cast<size_t>(kRowTile) * k), err(static_cast<size_t>(kRowTile) * kGptqBlock);
@@ -216,15 +215,11 @@ Int4GptqResult int4_gptq_quantize(const Int4GptqArgs& a) {
       try {
         quantize_tile(t, i * kRowTile, std::min(kRowTile, a.n - i * kRowTile), w, err, codes, group, out);
       } catch (const Error& e) {
-#pragma omp critical(qkd_int4_gptq_error)
-        if (i < error_tile) {
-          error_tile = i;
-          error = e.what();
-        }
+        first_error.keep(i, e);
       }
     }
   }
-  if (!error.empty()) throw Error(error);
+  first_error.rethrow();
   return res;
 }
 

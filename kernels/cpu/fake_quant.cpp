@@ -110,8 +110,7 @@ void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bi
   const Grid q = grid_of(bits);
   const int groups = k / group_size;
   // The lowest failing row is reported whatever the thread timing; no exception may leave the OpenMP region.
-  std::string error;
-  int error_row = n;
+  FirstError first_error;
 #pragma omp parallel for schedule(static) if (static_cast<int64_t>(n) * k > 65536)
   for (int r = 0; r < n; ++r) {
     const float* row = w + static_cast<int64_t>(r) * k;
@@ -125,14 +124,10 @@ void fake_quant_init_scales(const float* w, int n, int k, int group_size, int bi
         scale[static_cast<int64_t>(r) * groups + g] = bf16_to_float(code);
       }
     } catch (const Error& e) {
-#pragma omp critical(qkd_fake_quant_init_error)
-      if (r < error_row) {
-        error_row = r;
-        error = e.what();
-      }
+      first_error.keep(r, e);
     }
   }
-  if (!error.empty()) throw Error(error);
+  first_error.rethrow();
 }
 
 Int4HostWeight fake_quant_export(const float* w, const float* scale, const float* clip, int n, int k, int group_size,
