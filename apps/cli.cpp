@@ -65,6 +65,16 @@ void ArgParser::add(const std::string& names, uint64_t* out, const std::string& 
   add_flag(names, metavar, help, "", true,
            [out](const std::string& f, const std::string& v) { *out = parse_number<uint64_t>(f, v); });
 }
+void ArgParser::add(const std::string& names, std::optional<int>* out, const std::string& metavar,
+                    const std::string& help) {
+  add_flag(names, metavar, help, "", true,
+           [out](const std::string& f, const std::string& v) { *out = parse_number<int>(f, v); });
+}
+void ArgParser::add(const std::string& names, std::optional<float>* out, const std::string& metavar,
+                    const std::string& help) {
+  add_flag(names, metavar, help, "", true,
+           [out](const std::string& f, const std::string& v) { *out = parse_number<float>(f, v); });
+}
 void ArgParser::add_switch(const std::string& names, bool* out, const std::string& help) {
   add_flag(names, "", help, "", false, [out](const std::string&, const std::string&) { *out = true; });
 }

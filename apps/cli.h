@@ -23,6 +23,11 @@ class ArgParser {
   void add(const std::string& names, int* out, const std::string& metavar, const std::string& help);
   void add(const std::string& names, float* out, const std::string& metavar, const std::string& help);
   void add(const std::string& names, uint64_t* out, const std::string& metavar, const std::string& help);
+  // Numbers whose absence matters (a setting that only makes sense with another flag): empty unless given; the
+  // help text states the default the caller applies.
+  void add(const std::string& names, std::optional<int>* out, const std::string& metavar, const std::string& help);
+  void add(const std::string& names, std::optional<float>* out, const std::string& metavar,
+           const std::string& help);
   void add_switch(const std::string& names, bool* out, const std::string& help);
 
   // Parses argv. Returns false when --help was asked for (usage already printed to stdout).

@@ -3,9 +3,7 @@
 // nearest, or GPTQ with --gptq FILES (calibration Hessians from runtime/calibrate.h, kernels/int4_gptq.h).
 // --clip-search picks each group's range by squared error among clipped candidates (Int4ScaleSearch::ClipMse).
 // Prints each module's relative RMS quantization error to stderr.
-#include <cmath>
 #include <cstdio>
-#include <limits>
 #include <optional>
 #include <string>
 
@@ -49,10 +47,9 @@ int main(int argc, char** argv) {
   return qkd::cli::run_app("qkd-quantize", [&] {
     std::string model, out, format = "qkd", modules = "q,k,v,o,gate,up,down", gptq;
     std::optional<std::string> group, scale_type;
-    // sentinels for "not given", so that a GPTQ setting without --gptq is refused rather than ignored
-    constexpr int kUnsetTokens = std::numeric_limits<int>::min();
-    int gptq_tokens = kUnsetTokens;
-    float gptq_damp = std::numeric_limits<float>::quiet_NaN();
+    // empty unless given, so that a GPTQ setting without --gptq is refused rather than ignored
+    std::optional<int> gptq_tokens_flag;
+    std::optional<float> gptq_damp_flag;
     bool sym = false, asym = false, quantize_embeddings = false, quantize_lm_head = false, force = false,
          clip_search = false;
     qkd::cli::ArgParser p("qkd-quantize",
@@ -73,8 +70,12 @@ int main(int argc, char** argv) {
     p.add("--gptq", &gptq, "FILES",
           "GPTQ with calibration text (comma-separated files; documents as qkd-eval reads them), not round to "
           "nearest; never calibrate on the text you evaluate on");
-    p.add("--gptq-tokens", &gptq_tokens, "N", "calibration tokens, in windows of min(context, 512)");
-    p.add("--gptq-damp", &gptq_damp, "F", "GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1)");
+    p.add("--gptq-tokens", &gptq_tokens_flag, "N",
+          fmt::format("calibration tokens, in windows of min(context, 512) (default: {})",
+                      qkd::runtime::kCalibrationTokens));
+    p.add("--gptq-damp", &gptq_damp_flag, "F",
+          fmt::format("GPTQ dampening, a fraction of the Hessian's mean diagonal, in (0, 1) (default: {})",
+                      qkd::kGptqDefaultDamp));
     p.add_switch("--force", &force, "replace an existing output (only a qkd checkpoint or a GGUF file)");
     if (!p.parse(argc, argv)) return 0;
 
@@ -85,11 +86,11 @@ int main(int argc, char** argv) {
     if (sym && asym) throw qkd::cli::UsageError("--sym and --asym exclude each other");
     const std::vector<std::string> gptq_files = qkd::train::split_list(gptq);
     if (!gptq.empty() && gptq_files.empty()) throw qkd::cli::UsageError(fmt::format("--gptq: '{}' names no file", gptq));
-    if (gptq.empty() && (gptq_tokens != kUnsetTokens || !std::isnan(gptq_damp)))
+    if (gptq.empty() && (gptq_tokens_flag || gptq_damp_flag))
       throw qkd::cli::UsageError(fmt::format("{} is a GPTQ setting: give --gptq FILES too",
-                                             gptq_tokens != kUnsetTokens ? "--gptq-tokens" : "--gptq-damp"));
-    if (gptq_tokens == kUnsetTokens) gptq_tokens = static_cast<int>(qkd::runtime::kCalibrationTokens);
-    if (std::isnan(gptq_damp)) gptq_damp = static_cast<float>(qkd::kGptqDefaultDamp);
+                                             gptq_tokens_flag ? "--gptq-tokens" : "--gptq-damp"));
+    const int gptq_tokens = gptq_tokens_flag.value_or(static_cast<int>(qkd::runtime::kCalibrationTokens));
+    const float gptq_damp = gptq_damp_flag.value_or(static_cast<float>(qkd::kGptqDefaultDamp));
     if (!(gptq_damp > 0.0f && gptq_damp < 1.0f))
       throw qkd::cli::UsageError(fmt::format("--gptq-damp: {} is not in (0, 1)", gptq_damp));
     if (gptq_tokens <= 0) throw qkd::cli::UsageError(fmt::format("--gptq-tokens: {} is not positive", gptq_tokens));
