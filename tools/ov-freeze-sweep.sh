@@ -25,9 +25,9 @@
 # 1..N-1 (--confirm-seeds, default 3) and with --freeze none for seeds 0..N-1, ahead of what is left of the list
 # (rows NAME-ov-sK, NAME-none-sK). The runs share the GPU by time slicing: their tokens/s are per run, not alone.
 #
-# --to-table NAME (run here, no GPU): the seeds of configuration NAME (NAME, NAME-ov-sK, NAME-none-sK) become rows
-# qat-int4-g128-{ov,none}-sK of a tools/ov-freeze-table.sh results folder (the same JSON fields, settings, thinned
-# metrics and exact commands), joined with the teacher and RTN rows of --base (an ov-freeze-table.sh folder of the
+# --to-table NAME (run here, no GPU): the seeds of configuration NAME (NAME, NAME-ov-sK, NAME-none-sK, NAME-qk-sK
+# for q,k frozen) become rows qat-int4-g128-{ov,none,qk}-sK of a tools/ov-freeze-table.sh results folder (the same
+# JSON fields, settings, thinned metrics and exact commands), joined with the teacher and RTN rows of --base (an ov-freeze-table.sh folder of the
 # same split, made on the same GPU), so that tools/ov-freeze-report.py reports them; write a HOW.md there by hand.
 #
 # Written: results/NAME.json (qkd-eval's JSON, the configuration, the exact commands, timings, the validation
@@ -91,7 +91,7 @@ rows, settings = [], None
 for path in sorted(glob.glob(os.path.join(sweep, name + "*.json"))):
     j = json.load(open(path))
     c = j["config"]
-    if not (j["row"] == name or re.fullmatch(re.escape(name) + r"-(ov|none)-s\d+", j["row"])):
+    if not (j["row"] == name or re.fullmatch(re.escape(name) + r"-(ov|none|qk)-s\d+", j["row"])):
         continue
     flags = shlex.split(c["flags"])
     val = lambda k, d: flags[flags.index(k) + 1] if k in flags else d

@@ -79,8 +79,7 @@ class Transformer {
     QKD_CHECK(batch > 0 && seq > 0, "Transformer: batch {} and seq {} must be positive", batch, seq);
     const int n = n_, dim = c.dim, qd = c.n_heads * c.head_dim, kvd = c.n_kv_heads * c.head_dim, ffn = c.ffn_dim;
     const int n_sets = save == Save::Yes ? c.n_layers : 1;
-    // Without a backward pass one residual buffer serves every layer: a layer reads res[l] only to copy it into
-    // mid before it writes res[l + 1].
+    // Without a backward pass one residual buffer serves every layer, updated in place (forward()).
     res_.resize(static_cast<size_t>(c.n_layers + 1));
     for (auto& r : res_) r = save == Save::Yes || &r == &res_.front() ? ops.template alloc<T>(int64_t{n} * dim) : res_.front();
     acts_.resize(static_cast<size_t>(n_sets));
@@ -92,7 +91,7 @@ class Transformer {
       a.v = ops.template alloc<T>(int64_t{n} * kvd);
       a.att = ops.template alloc<T>(int64_t{n} * qd);
       a.lse = ops.template alloc<float>(int64_t{batch} * c.n_heads * seq);
-      a.mid = ops.template alloc<T>(int64_t{n} * dim);
+      if (save == Save::Yes) a.mid = ops.template alloc<T>(int64_t{n} * dim);  // else the residual buffer is it
       a.h2 = ops.template alloc<T>(int64_t{n} * dim);
       a.rstd2 = ops.template alloc<float>(n);
       a.gate = ops.template alloc<T>(int64_t{n} * ffn);
@@ -182,13 +181,16 @@ class Transformer {
       ops_.rope({a.q, positions_, inv_freq_, n, c.n_heads, c.head_dim});
       ops_.rope({a.k, positions_, inv_freq_, n, c.n_kv_heads, c.head_dim});
       ops_.attention(attention_args(a));
-      ops_.copy(a.mid, res, int64_t{n} * dim);
-      linear(a.mid, a.att, lw.lin[O], n, Accumulate::Add);
-      ops_.rmsnorm({a.h2, a.mid, nullptr, lw.ffn_norm, a.rstd2, n, dim, c.norm_eps});
+      // With a backward pass the layer's input, its midpoint and its output are all kept (the norms' backward
+      // reads them); without one the residual stream is updated in place: res, mid and next are one buffer.
+      T* mid = save_ == Save::Yes ? a.mid : res;
+      if (mid != res) ops_.copy(mid, res, int64_t{n} * dim);
+      linear(mid, a.att, lw.lin[O], n, Accumulate::Add);
+      ops_.rmsnorm({a.h2, mid, nullptr, lw.ffn_norm, a.rstd2, n, dim, c.norm_eps});
       linear(a.gate, a.h2, lw.lin[Gate], n, Accumulate::Overwrite);
       linear(a.up, a.h2, lw.lin[Up], n, Accumulate::Overwrite);
       ops_.swiglu({a.act, a.gate, a.up, n, ffn, ffn});
-      ops_.copy(next, a.mid, int64_t{n} * dim);
+      if (next != mid) ops_.copy(next, mid, int64_t{n} * dim);
       linear(next, a.act, lw.lin[Down], n, Accumulate::Add);
     }
     ops_.rmsnorm({xf_, res_.back(), nullptr, w_.norm, rstdf_, n, dim, c.norm_eps});
