@@ -439,6 +439,11 @@ def main():
             return []
         return [(b - p) / (b - t_ppl) for p in g.values("perplexity")]
 
+    # where the QAT rows started: the frozen layers are RTN's, or an --init-scales checkpoint's (e.g. GPTQ) codes
+    init_ckpt = any("--init-scales" in str(r["settings"].get("train_args") or "") for r in rows.values()
+                    if r["settings"].get("method") == "qat-kd")
+    frozen_as = "the --init-scales checkpoint's int4 codes" if init_ckpt else "RTN int4"
+
     # ---- the table
     L = []
     head = ("| method | bits | group | freeze | perplexity | KL to teacher | top-1 agreement | ppl vs teacher | "
@@ -545,7 +550,7 @@ def main():
             else:
                 summary.append(f"At int4 g128, ov-freeze and training every projection end at perplexities that "
                                f"{seeds_text(len(d))} do not tell apart ({m:+.4f} on average, standard deviation of "
-                               f"the paired differences {sd:.4f}): on this model, freezing o and v as RTN int4 neither "
+                               f"the paired differences {sd:.4f}): on this model, freezing o and v as {frozen_as} neither "
                                f"helps nor hurts by more than the seed noise.")
 
     # ---- qkd-analyze
@@ -630,10 +635,11 @@ def main():
                      f"{'KL to the teacher alone' if not loss_terms else 'as the extra flags set it'}; "
                      f"AdamW β 0.9/0.95, no weight decay, gradient norm clipped at 1, no warm-up, cosine decay to 10% "
                      f"of the peak; learned symmetric scales (LSQ) at the same lr; the frozen layers quantized once by "
-                     f"RTN at the student's bits)"
+                     f"{'the --init-scales checkpoint, bit for bit' if init_ckpt else 'RTN at the student' + chr(39) + 's bits'})"
                      f"{'; extra flags `' + str(qs.get('train_args')) + '` (these override)' if qs.get('train_args') else ''}; seeds "
                      f"{sorted({r['settings'].get('seed') for r in rows.values() if r['settings'].get('method') == 'qat-kd'})}"
-                     f" (a seed sets the data order; the start is the same RTN student for every seed).")
+                     f" (a seed sets the data order; the start is the same {'--init/--init-scales' if init_ckpt else 'RTN'} "
+                     f"student for every seed).")
     setup.append("- † The int3 RTN row: qkd-quantize writes int4 only, so it is `qkd-train --bits 3 --steps 1 "
                  "--lr 1e-12`, whose one AdamW update is below fp32 resolution: its export is the round-to-nearest "
                  "start. " + rtn_check(rows))
