@@ -108,84 +108,75 @@ ModelWeights random_model(const ModelConfig& c, uint64_t seed, const std::string
   return w;
 }
 
-// cuBLASLt bf16 GEMM y[s, s] = a[s, s] . b[s, s]^T (the forward product's layout) on random operands: the best
-// and the median rate of `reps` calls after warm-up, in TFLOP/s.
-nlohmann::json measure_gemm(int s, int reps) {
+// cuBLASLt bf16 GEMM y[s, s] = a[s, s] . b[s, s]^T (the forward product's layout) on random operands, with its
+// own stream, memory and handle.
+struct SquareGemm {
   runtime::CudaStream stream;
   runtime::DeviceArena arena;
-  const int64_t n = int64_t{s} * s;
-  const size_t bytes = static_cast<size_t>(n) * sizeof(__nv_bfloat16);
-  const size_t oa = arena.reserve(bytes), ob = arena.reserve(bytes), oy = arena.reserve(bytes);
-  arena.allocate();
-  __nv_bfloat16* a = arena.at<__nv_bfloat16>(oa);
-  __nv_bfloat16* b = arena.at<__nv_bfloat16>(ob);
-  __nv_bfloat16* y = arena.at<__nv_bfloat16>(oy);
-  runtime::fill_uniform_bf16(a, n, -1.0f, 1.0f, 11, stream.get());
-  runtime::fill_uniform_bf16(b, n, -1.0f, 1.0f, 12, stream.get());
-  runtime::fill_uniform_bf16(y, n, -1.0f, 1.0f, 13, stream.get());
   CublasLt lt;
   GemmArgs g{};
-  g.y = y;
-  g.a = a;
-  g.b = b;
-  g.m = g.n = g.k = s;
-  g.trans_a = Transpose::No;
-  g.trans_b = Transpose::Yes;
-  g.out = GemmOut::BF16;
-  g.mode = Accumulate::Overwrite;
+  int s;
+
+  explicit SquareGemm(int size) : s(size) {
+    const int64_t n = int64_t{s} * s;
+    const size_t bytes = static_cast<size_t>(n) * sizeof(__nv_bfloat16);
+    const size_t oa = arena.reserve(bytes), ob = arena.reserve(bytes), oy = arena.reserve(bytes);
+    arena.allocate();
+    auto* a = arena.at<__nv_bfloat16>(oa);
+    auto* b = arena.at<__nv_bfloat16>(ob);
+    auto* y = arena.at<__nv_bfloat16>(oy);
+    runtime::fill_uniform_bf16(a, n, -1.0f, 1.0f, 11, stream.get());
+    runtime::fill_uniform_bf16(b, n, -1.0f, 1.0f, 12, stream.get());
+    runtime::fill_uniform_bf16(y, n, -1.0f, 1.0f, 13, stream.get());
+    g.y = y;
+    g.a = a;
+    g.b = b;
+    g.m = g.n = g.k = s;
+    g.trans_a = Transpose::No;
+    g.trans_b = Transpose::Yes;
+    g.out = GemmOut::BF16;
+    g.mode = Accumulate::Overwrite;
+  }
+  void run() { cuda::gemm(lt, g, stream.get()); }
+  double tflops(double ms) const { return 2.0 * static_cast<double>(s) * s * s / (ms * 1e-3) / 1e12; }
+};
+
+// The best and the median rate of `reps` calls after warm-up, each timed alone, in TFLOP/s.
+nlohmann::json measure_gemm(int s, int reps) {
+  SquareGemm gemm(s);
   std::vector<double> ms;
   for (int i = 0; i < reps + 3; ++i) {
-    const double t = event_ms(stream.get(), [&] { cuda::gemm(lt, g, stream.get()); });
+    const double t = event_ms(gemm.stream.get(), [&] { gemm.run(); });
     if (i >= 3) ms.push_back(t);
   }
-  const double flops = 2.0 * static_cast<double>(s) * s * s;
   const double best = *std::min_element(ms.begin(), ms.end());
   return {{"m", s}, {"n", s}, {"k", s}, {"reps", reps}, {"ms_min", best}, {"ms_median", median(ms)},
-          {"tflops", flops / (best * 1e-3) / 1e12}, {"tflops_median", flops / (median(ms) * 1e-3) / 1e12}};
+          {"tflops", gemm.tflops(best)}, {"tflops_median", gemm.tflops(median(ms))}};
 }
 
 // The same product back to back for about `seconds` (events between calls, no host wait until the end), as a
 // training step keeps the chip busy: the median rate over the second half tells whether the clock sags under
 // sustained load, which a burst of 10 calls does not show.
 nlohmann::json measure_gemm_sustained(int s, double seconds) {
-  runtime::CudaStream stream;
-  runtime::DeviceArena arena;
-  const int64_t n = int64_t{s} * s;
-  const size_t bytes = static_cast<size_t>(n) * sizeof(__nv_bfloat16);
-  const size_t oa = arena.reserve(bytes), ob = arena.reserve(bytes), oy = arena.reserve(bytes);
-  arena.allocate();
-  auto* a = arena.at<__nv_bfloat16>(oa);
-  auto* b = arena.at<__nv_bfloat16>(ob);
-  auto* y = arena.at<__nv_bfloat16>(oy);
-  runtime::fill_uniform_bf16(a, n, -1.0f, 1.0f, 11, stream.get());
-  runtime::fill_uniform_bf16(b, n, -1.0f, 1.0f, 12, stream.get());
-  CublasLt lt;
-  GemmArgs g{};
-  g.y = y;
-  g.a = a;
-  g.b = b;
-  g.m = g.n = g.k = s;
-  const double one = event_ms(stream.get(), [&] { cuda::gemm(lt, g, stream.get()); });
+  SquareGemm gemm(s);
+  const double one = event_ms(gemm.stream.get(), [&] { gemm.run(); });
   const int reps = std::clamp(static_cast<int>(seconds * 1e3 / std::max(one, 1e-3)), 20, 20000);
-  std::vector<cudaEvent_t> ev(static_cast<size_t>(reps) + 1);
-  for (cudaEvent_t& e : ev) CUDA_CHECK(cudaEventCreate(&e));
-  CUDA_CHECK(cudaEventRecord(ev[0], stream.get()));
+  std::vector<runtime::CudaEvent> ev(static_cast<size_t>(reps) + 1);
+  CUDA_CHECK(cudaEventRecord(ev[0].get(), gemm.stream.get()));
   for (int i = 0; i < reps; ++i) {
-    cuda::gemm(lt, g, stream.get());
-    CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(i) + 1], stream.get()));
+    gemm.run();
+    CUDA_CHECK(cudaEventRecord(ev[static_cast<size_t>(i) + 1].get(), gemm.stream.get()));
   }
-  CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+  CUDA_CHECK(cudaStreamSynchronize(gemm.stream.get()));
   std::vector<double> first, last;  // the first 10 calls, the second half
   for (int i = 0; i < reps; ++i) {
     float t = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&t, ev[static_cast<size_t>(i)], ev[static_cast<size_t>(i) + 1]));
+    CUDA_CHECK(cudaEventElapsedTime(&t, ev[static_cast<size_t>(i)].get(), ev[static_cast<size_t>(i) + 1].get()));
     if (i < 10) first.push_back(t);
     if (i >= reps / 2) last.push_back(t);
   }
-  for (cudaEvent_t e : ev) CUDA_CHECK(cudaEventDestroy(e));
-  const double flops = 2.0 * static_cast<double>(s) * s * s;
-  return {{"m", s}, {"reps", reps}, {"seconds", seconds}, {"tflops_first10", flops / (median(first) * 1e-3) / 1e12},
-          {"tflops_second_half", flops / (median(last) * 1e-3) / 1e12}};
+  return {{"m", s}, {"reps", reps}, {"seconds", seconds}, {"tflops_first10", gemm.tflops(median(first))},
+          {"tflops_second_half", gemm.tflops(median(last))}};
 }
 
 double device_memory_used() {
