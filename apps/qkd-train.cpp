@@ -74,6 +74,8 @@ int main(int argc, char** argv) {
     p.add("--max-bad-steps", &c.max_bad_steps, "N", "abort after N consecutive non-finite steps");
     p.add_switch("--resume", &c.resume, "continue from OUT/checkpoint");
     p.add_switch("--no-progress", &no_progress, "no progress bar");
+    p.add_switch("--export-f32", &c.export_f32,
+                 "export the embeddings, LM head and norms in fp32 (default bf16, the copy the CUDA forward trained)");
     p.add("--metrics", &c.metrics, "FILE", "JSON-lines metrics (default OUT/metrics.jsonl)");
     if (!p.parse(argc, argv)) return 0;
     if (no_progress) c.progress = false;

@@ -22,17 +22,18 @@ std::string_view strip_newlines(std::string_view s) {
   return s.substr(b, e - b + 1);
 }
 
-// Sum of NLL over rows of logits [n, vocab] predicting targets [n], each as a log-softmax in double.
-double sum_nll(const float* logits, const int32_t* targets, int n, int vocab) {
-  double total = 0.0;
+// NLL of each row of logits [n, vocab] predicting targets [n], as a log-softmax in double, into nll[n]. Rows
+// are independent, so they run in parallel; the caller sums them in row order, which keeps the total bit-identical
+// to a serial loop whatever the thread count (the exps in double are most of qkd-eval's time).
+void row_nll(const float* logits, const int32_t* targets, int n, int vocab, double* nll) {
+#pragma omp parallel for schedule(static)
   for (int t = 0; t < n; ++t) {
     const float* row = logits + static_cast<int64_t>(t) * vocab;
     const double mx = *std::max_element(row, row + vocab);
     double z = 0.0;
     for (int v = 0; v < vocab; ++v) z += std::exp(row[v] - mx);
-    total += mx + std::log(z) - row[targets[t]];
+    nll[t] = mx + std::log(z) - row[targets[t]];
   }
-  return total;
 }
 
 }  // namespace
@@ -89,8 +90,10 @@ std::vector<int32_t> tokenize_text_files(const std::vector<std::string>& paths, 
 }
 
 namespace {
-// sum over rows of KL(softmax(ref) || softmax(z)) in double, and the rows whose argmax agree (lowest index on ties).
-void compare_rows(const float* z, const float* ref, int rows, int vocab, double& kl, int64_t& agree) {
+// Per row r: KL(softmax(ref) || softmax(z)) in double into kl[r], and whether the argmaxes agree (lowest index on
+// ties) into agree[r]. Parallel over rows like row_nll, summed in row order by the caller.
+void compare_rows(const float* z, const float* ref, int rows, int vocab, double* kl, uint8_t* agree) {
+#pragma omp parallel for schedule(static)
   for (int r = 0; r < rows; ++r) {
     const float* a = z + static_cast<int64_t>(r) * vocab;
     const float* b = ref + static_cast<int64_t>(r) * vocab;
@@ -99,7 +102,7 @@ void compare_rows(const float* z, const float* ref, int rows, int vocab, double&
       if (a[i] > a[arg_a]) arg_a = i;
       if (b[i] > b[arg_b]) arg_b = i;
     }
-    agree += arg_a == arg_b;
+    agree[r] = arg_a == arg_b;
     double sa = 0.0, sb = 0.0;
     for (int i = 0; i < vocab; ++i) {
       sa += std::exp(static_cast<double>(a[i]) - a[arg_a]);
@@ -111,7 +114,7 @@ void compare_rows(const float* z, const float* ref, int rows, int vocab, double&
       const double lpb = b[i] - lse_b;
       k += std::exp(lpb) * (lpb - (a[i] - lse_a));
     }
-    kl += k;
+    kl[r] = k;
   }
 }
 }  // namespace
@@ -148,6 +151,8 @@ EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, cons
   std::vector<int32_t> inputs(static_cast<size_t>(max_batch) * ctx);
   std::vector<int32_t> targets(inputs.size());
   const std::vector<int32_t> start_pos(max_batch, 0);
+  std::vector<double> nll_rows(inputs.size()), kl_rows(reference != nullptr ? inputs.size() : 0);
+  std::vector<uint8_t> agree_rows(kl_rows.size());
 
   EvalResult r;
   double total_nll = 0.0;
@@ -164,11 +169,16 @@ EvalResult evaluate(Model& model, std::span<const int32_t> stream, int ctx, cons
     const size_t used = static_cast<size_t>(batch) * len;
     model.forward(std::span<const int32_t>(inputs.data(), used), static_cast<int>(batch), len,
                   std::span<const int32_t>(start_pos.data(), batch), LogitsMode::All, logits.data());
-    total_nll += sum_nll(logits.data(), targets.data(), static_cast<int>(used), vocab);
+    row_nll(logits.data(), targets.data(), static_cast<int>(used), vocab, nll_rows.data());
+    for (size_t t = 0; t < used; ++t) total_nll += nll_rows[t];
     if (reference != nullptr) {
       reference->forward(std::span<const int32_t>(inputs.data(), used), static_cast<int>(batch), len,
                          std::span<const int32_t>(start_pos.data(), batch), LogitsMode::All, ref_logits.data());
-      compare_rows(logits.data(), ref_logits.data(), static_cast<int>(used), vocab, total_kl, agree);
+      compare_rows(logits.data(), ref_logits.data(), static_cast<int>(used), vocab, kl_rows.data(), agree_rows.data());
+      for (size_t t = 0; t < used; ++t) {
+        total_kl += kl_rows[t];
+        agree += agree_rows[t];
+      }
     }
     r.n_tokens += static_cast<int64_t>(used);
     w += batch;

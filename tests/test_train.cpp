@@ -24,6 +24,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/dtype.h"
 #include "kernels/error.h"
 #include "kernels/fake_quant.h"
 #include "loader/bundle.h"
@@ -330,6 +331,26 @@ TEST_CASE("--init-scales: the frozen layers take the checkpoint's GPTQ codes bit
     }
   }
   CHECK(differs_from_rtn == 16);
+
+  // The dense tensors export as bf16 (the compute copy the CUDA forward trained with); --export-f32 keeps fp32.
+  // The same seed gives the same run, so the fp32 export rounds (nearest even) to the bf16 one exactly.
+  TrainConfig f32 = c;
+  f32.out = tmp / "out-f32";
+  f32.export_f32 = true;
+  const TrainResult r32 = run_training(f32, quiet());
+  const ModelWeights student32 = load_int4_checkpoint(r32.model_dir);
+  for (const auto& [bv, fv] : {std::pair{&student.tok_embeddings, &student32.tok_embeddings},
+                               std::pair{&student.norm, &student32.norm},
+                               std::pair{&student.layers[0].attn_norm, &student32.layers[0].attn_norm}}) {
+    CAPTURE(bv->name);
+    REQUIRE(bv->dtype == DType::BF16);
+    REQUIRE(fv->dtype == DType::F32);
+    REQUIRE(bv->numel() == fv->numel());
+    std::vector<uint16_t> rounded(static_cast<size_t>(fv->numel()));
+    const float* f = reinterpret_cast<const float*>(fv->data);
+    for (size_t i = 0; i < rounded.size(); ++i) rounded[i] = float_to_bf16(f[i]);
+    CHECK(std::memcmp(rounded.data(), bv->data, rounded.size() * 2) == 0);
+  }
 
   // Mismatches name the checkpoint, the layer and the module (q frozen: it is checked before any other layer).
   c.freeze = "q,v";

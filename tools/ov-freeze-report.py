@@ -88,7 +88,8 @@ def groups_of(rows):
     spec = [("teacher", "bf16 teacher", s_is(method="teacher")),
             ("rtn4-sym", "RTN int4, symmetric", s_is(method="rtn", bits=4, group_size=128, symmetric=True)),
             ("rtn4-asym", "RTN int4, asymmetric", s_is(method="rtn", bits=4, group_size=128, symmetric=False)),
-            ("rtn4-ch", "RTN int4, per-channel symmetric", s_is(method="rtn", bits=4, group_size=0))]
+            ("rtn4-ch", "RTN int4, per-channel symmetric", s_is(method="rtn", bits=4, group_size=0)),
+            ("gptq4", "GPTQ int4 + clip search, symmetric (the QAT start)", s_is(method="gptq", bits=4, group_size=128))]
     for f in ("none", "o,v", "q,k"):
         spec.append((f"qat4-{f}", "QAT-KD int4", s_is(method="qat-kd", bits=4, group_size=128, freeze=f)))
     spec.append(("rtn3-sym", "RTN int3, symmetric †", s_is(method="rtn", bits=3, group_size=128)))
@@ -383,12 +384,13 @@ def plot_data(groups, results):
             bars.append({"label": "teacher bf16", "mean": teacher.values("perplexity")[0], "std": None,
                          "color": "#777777"})
         for g in groups:
-            if g.key.startswith(f"rtn{bits}") or g.key.startswith(f"qat{bits}-"):
+            if (g.key.startswith(f"rtn{bits}") or g.key.startswith(f"qat{bits}-")
+                    or g.key == f"gptq{bits}"):
                 m, s = mean_std(g.values("perplexity"))
-                if g.key.startswith("rtn"):
+                if g.key.startswith("rtn") or g.key.startswith("gptq"):
                     label = {"rtn4-sym": "RTN g128 sym", "rtn4-asym": "RTN g128 asym", "rtn4-ch": "RTN per-channel",
-                             "rtn3-sym": "RTN g128 sym †"}[g.key]
-                    color = "#bbbbbb"
+                             "rtn3-sym": "RTN g128 sym †", "gptq4": "GPTQ+clip g128"}[g.key]
+                    color = "#bbbbbb" if g.key.startswith("rtn") else "#999999"
                 else:
                     freeze = g.key.split("-", 1)[1]
                     label, color = "QAT-KD " + FREEZE_SHORT[freeze], COLORS[freeze]
@@ -440,8 +442,8 @@ def main():
         return [(b - p) / (b - t_ppl) for p in g.values("perplexity")]
 
     # where the QAT rows started: the frozen layers are RTN's, or an --init-scales checkpoint's (e.g. GPTQ) codes
-    init_ckpt = any("--init-scales" in str(r["settings"].get("train_args") or "") for r in rows.values()
-                    if r["settings"].get("method") == "qat-kd")
+    init_ckpt = any("--init-scales" in str(r["settings"].get("train_args") or "") or r["settings"].get("start") == "gptq"
+                    for r in rows.values() if r["settings"].get("method") == "qat-kd")
     frozen_as = "the --init-scales checkpoint's int4 codes" if init_ckpt else "RTN int4"
 
     # ---- the table
@@ -457,7 +459,7 @@ def main():
         ppls = g.values("perplexity")
         rel = [p / t_ppl - 1 for p in ppls] if t_ppl and g.key != "teacher" else []
         rec = []
-        if g.key.startswith("qat4-"):
+        if g.key.startswith("qat4-") or g.key == "gptq4":
             rec = gap_recovered(g, G.get("rtn4-sym"))
         elif g.key.startswith("qat3-"):
             rec = gap_recovered(g, G.get("rtn3-sym"))
@@ -626,7 +628,28 @@ def main():
                  f"{any_row.get('n_windows')} non-overlapping windows of {any_row.get('ctx')} (each document is "
                  f"BOS + text + EOS); KL is KL(teacher ‖ student) per token, top-1 agreement the share of positions "
                  f"whose argmax matches the teacher's.")
-    if qs:
+    gptq_start = any(r["settings"].get("start") == "gptq" for r in rows.values()
+                     if r["settings"].get("method") == "qat-kd")
+    if qs and gptq_start:
+        # the table's recipe (tools/ov-freeze-table.sh's defaults): say each part of it in words
+        flags = str(qs.get("train_args") or "").split()
+        val = lambda f: flags[flags.index(f) + 1] if f in flags and flags.index(f) + 1 < len(flags) else None
+        loss = "KL to the teacher" + (f" + {val('--ce-weight')} × cross-entropy on the data" if val("--ce-weight") else "")
+        others = [f for f in flags if f.startswith("--") and f != "--ce-weight"]
+        data = ("the training split and the extra training data" if "lower-train" in str(qs.get("train_data"))
+                else "the training split")
+        seeds = sorted({r["settings"].get("seed") for r in rows.values() if r["settings"].get("method") == "qat-kd"})
+        setup.append(f"- QAT-KD: `qkd-train`, {qs.get('steps')} steps of {qs.get('batch')} × {qs.get('seq_len')} "
+                     f"tokens of {data} at lr {qs.get('lr'):g}; loss {loss}"
+                     f"{' (other flags: `' + ' '.join(others) + '`)' if others else ''}; otherwise qkd-train's "
+                     f"defaults (AdamW β 0.9/0.95, no weight decay, gradient norm clipped at 1, no warm-up, cosine decay "
+                     f"to 10% of the peak; learned symmetric scales (LSQ) at the same lr). **Start:** the int4 students "
+                     f"start from the GPTQ row's checkpoint (`--init G --init-scales G`: the trainable layers take its "
+                     f"weights and step sizes, the frozen layers its packed codes and scales bit for bit; its sha256 is "
+                     f"checked to be the same in every call); the int3 students from round to nearest at 3 bits "
+                     f"(qkd-quantize writes int4 only). Seeds {seeds} (a seed sets the data order; every seed of a "
+                     f"bit width starts from the same student).")
+    elif qs:
         extra_flags = str(qs.get("train_args") or "").split()
         loss_terms = [f for f in ("--ce-weight", "--contrastive-weight", "--temperature", "--kd-weight")
                       if f in extra_flags]
@@ -671,7 +694,7 @@ def main():
 
     examples = []
     seen = set()
-    for key in ("teacher", "rtn4-sym", "qat4-o,v", "rtn3-sym"):
+    for key in ("teacher", "rtn4-sym", "gptq4", "qat4-o,v", "rtn3-sym", "qat3-o,v"):
         g = G.get(key)
         if not g:
             continue
@@ -682,6 +705,8 @@ def main():
                 examples.append(c)
     names = {"teacher": "the teacher", "rtn4-sym": "RTN int4 g128 symmetric", "rtn4-asym": "RTN int4 g128 asymmetric",
              "rtn4-ch": "RTN int4 per-channel", "rtn3-sym": "RTN int3 g128 †"}
+    if gptq_start:
+        names["gptq4"] = "GPTQ int4 g128"
     for b_ in (4, 3):
         for f in ("none", "o,v", "q,k"):
             names[f"qat{b_}-{f}"] = f"QAT-KD int{b_} {FREEZE_SHORT[f]}"

@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # The table of issue 6, run on the GPU machine with qkd's own tools: the bf16 teacher, RTN int4 (g128 symmetric,
-# g128 asymmetric, per-channel symmetric), and QAT-KD (qkd-train) with no freeze, with ov-freeze (o,v frozen) and
-# with q,k frozen as a control, each over --seeds seeds, for int4 g128 and int3 g128. Every row is scored by
-# qkd-eval against the teacher on a validation split made here (perplexity, KL to the teacher, top-1 agreement),
-# and qkd-analyze's per-projection ranking is saved once. tools/ov-freeze-report.py turns the results into
-# docs/ov-freeze.md and the plots.
+# g128 asymmetric, per-channel symmetric), GPTQ int4 (the QAT start), and QAT-KD (qkd-train) with no freeze, with
+# ov-freeze (o,v frozen) and with q,k frozen as a control, each over --seeds seeds, for int4 g128 and int3 g128.
+# Every row is scored by qkd-eval against the teacher on a validation split made here (perplexity, KL to the
+# teacher, top-1 agreement), and qkd-analyze's per-projection ranking is saved once. tools/ov-freeze-report.py
+# turns the results into docs/ov-freeze.md and the plots.
 #
-#   tools/ov-freeze-table.sh [--bin DIR] [--teacher DIR] [--corpus FILE[,FILE...]] [--results DIR] [--work DIR]
-#                            [--val-percent P] [--seeds N] [--steps N] [--batch N] [--seq-len N] [--lr LR]
-#                            [--eval-every N] [--train-args 'ARGS'] [--no-int3] [--rows REGEX] [--retry-failed]
-#                            [--budget S] [--deadline S] [--since EPOCH] [--run-timeout S] [--eval-timeout S]
-#                            [--pack FILE] [--unpack FILE] [--keep-checkpoints] [--dry-run]
+#   tools/ov-freeze-table.sh [--bin DIR] [--teacher DIR] [--corpus FILE[,FILE...]] [--extra-train FILE|none]
+#                            [--results DIR] [--work DIR] [--val-percent P] [--start gptq|rtn] [--seeds N]
+#                            [--steps N] [--batch N] [--seq-len N] [--lr LR] [--eval-every N] [--train-args 'ARGS']
+#                            [--no-int3] [--rows REGEX] [--retry-failed] [--budget S] [--deadline S] [--since EPOCH]
+#                            [--run-timeout S] [--eval-timeout S] [--pack FILE] [--unpack FILE]
+#                            [--keep-checkpoints] [--dry-run]
+#
+# The recipe (the defaults): the int4 students start from GPTQ (`qkd-quantize --group-size 128 --sym
+# --clip-search --gptq train.txt`, calibrated on the training split; its row gptq-int4-g128-sym is scored too) through
+# `qkd-train --init G --init-scales G`, so the frozen o,v layers keep GPTQ's codes bit for bit; the int3 students
+# start from round to nearest (qkd-quantize writes int4 only). 2000 steps of 16 x 256 tokens at lr 3e-5, loss KL +
+# 0.1 x cross-entropy (--train-args '--ce-weight 0.1'), on the training split plus --extra-train (default
+# stories_lower.txt beside --corpus, less every document that holds the lowercased first 80 characters of a
+# validation document; written to results/lower-train.txt). --start rtn --extra-train none --steps 500 --lr 1e-5
+# --train-args '' is the first, shorter recipe (results/ov-freeze-short). The GPTQ checkpoint is made once per call
+# that needs it (in --work) and must hash to the same sha256 each time (results/gptq-int4.sha256), so every seed
+# starts from the same student.
 #
 # Sized for calls of 10 minutes: rows run in a fixed order (seed 0 of every method first), a row whose
 # results/<row>.json exists is skipped, so the next call goes on where this one stopped. No row starts after
@@ -48,9 +60,10 @@ fi
 bin=build/bin
 teacher=$QKD_SHARED_DATA/models/teacher-25m
 corpus=$QKD_SHARED_DATA/corpora/tinystories/stories_cased.txt
+extra_train=default
 results=results/ov-freeze
 work=/tmp/qkd-ov-freeze
-seeds=3 steps=500 batch=16 seq_len=256 lr=1e-5 eval_every=100 train_args=""
+start=gptq seeds=3 steps=2000 batch=16 seq_len=256 lr=3e-5 eval_every=500 train_args="--ce-weight 0.1"
 int3=1 rows_re="" retry_failed=0 dry_run=0 keep_ckpt=0
 budget=520 deadline=585 since="" run_timeout=240 eval_timeout=120 val_percent=5
 pack=${OUT:+$OUT/ov-freeze-results.tar.gz} unpack=""
@@ -60,6 +73,8 @@ while (($#)); do
     --bin) bin="$2"; shift ;;
     --teacher) teacher="$2"; shift ;;
     --corpus) corpus="$2"; shift ;;
+    --extra-train) extra_train="$2"; shift ;;
+    --start) start="$2"; shift ;;
     --results) results="$2"; shift ;;
     --work) work="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
@@ -92,6 +107,14 @@ for v in seeds steps batch seq_len eval_every budget deadline run_timeout eval_t
 done
 ((seeds >= 1 && steps >= 1)) || { echo "ov-freeze-table: --seeds and --steps must be at least 1" >&2; exit 2; }
 [ -n "$since" ] || since=$(date +%s)
+[ "$start" = gptq ] || [ "$start" = rtn ] || { echo "ov-freeze-table: --start '$start' is not gptq or rtn" >&2; exit 2; }
+if [ "$extra_train" = default ]; then
+  extra_train=$(dirname "${corpus%%,*}")/stories_lower.txt
+  [ -f "$extra_train" ] || { echo "ov-freeze-table: the default --extra-train $extra_train is missing (give a file, or --extra-train none)" >&2; exit 2; }
+fi
+if [ "$extra_train" != none ] && [ ! -f "$extra_train" ]; then
+  echo "ov-freeze-table: --extra-train $extra_train: no such file" >&2; exit 2
+fi
 [[ $since =~ ^[0-9]+$ ]] || { echo "ov-freeze-table: --since '$since' is not a Unix time" >&2; exit 2; }
 
 # ------------------------------------------------------------------------------------------------ the rows
@@ -102,6 +125,7 @@ rows=("teacher-bf16|teacher|16|-|-|-|-"
       "rtn-int4-g128-asym|rtn|4|128|asym|-|-"
       "rtn-int4-channel-sym|rtn|4|channel|sym|-|-")
 ((int3)) && rows+=("rtn-int3-g128-sym|rtn-train|3|128|sym|none|0")
+[ "$start" = gptq ] && rows+=("gptq-int4-g128-sym|gptq|4|128|sym|-|-")
 bit_list=(4)
 ((int3)) && bit_list+=(3)
 for ((s = 0; s < seeds; s++)); do
@@ -115,7 +139,7 @@ done
 rows+=("rtn-int4-g128-sym-via-train|rtn-train|4|128|sym|none|0")
 
 # Expected seconds of a row of each kind (train + eval), refined by each row that runs.
-declare -A est=([teacher]=20 [rtn]=20 [rtn-train]=30 [qat]=30 [analyze]=60)
+declare -A est=([teacher]=20 [rtn]=20 [rtn-train]=30 [gptq]=120 [qat]=40 [analyze]=60)
 n_rows=${#rows[@]}
 if ((dry_run)); then
   for ((i = 0; i < n_rows; i++)); do
@@ -156,14 +180,18 @@ quote() {
 
 # The settings every row shares; a results folder keeps one set.
 python3 - "$results/settings.json" "$steps" "$batch" "$seq_len" "$lr" "$eval_every" "$train_args" \
-  "$(basename "$teacher")" "$corpus" "$val_percent" <<'EOF' || exit 1
+  "$(basename "$teacher")" "$corpus" "$val_percent" "$start" "$extra_train" <<'EOF' || exit 1
 import json, os, sys
 path = sys.argv[1]
-keys = ("steps", "batch", "seq_len", "lr", "eval_every", "train_args", "teacher", "corpus", "val_percent")
+keys = ("steps", "batch", "seq_len", "lr", "eval_every", "train_args", "teacher", "corpus", "val_percent", "start",
+        "extra_train")
 vals = dict(zip(keys, sys.argv[2:]))
 vals["corpus"] = ",".join(os.path.basename(c) for c in vals["corpus"].split(",") if c)
+vals["extra_train"] = os.path.basename(vals["extra_train"])
 if os.path.exists(path):
     old = json.load(open(path))
+    old.setdefault("start", "rtn")  # folders made before these settings existed used RTN and no extra data
+    old.setdefault("extra_train", "none")
     diff = [f"{k} {old.get(k)!r} there, {v!r} now" for k, v in vals.items() if old.get(k) != v]
     if diff:
         sys.exit(f"ov-freeze-table: {path} was made with other settings ({'; '.join(diff)}); give the same "
@@ -196,11 +224,14 @@ say "ov-freeze-table: gpu ${gpu:-none}, bin $bin, teacher $teacher, results $res
 
 # ------------------------------------------------------------------------------------------ validation split
 train_txt=$results/train.txt val_txt=$results/val.txt
-python3 - "$results" "$val_percent" "$corpus" <<'EOF' || exit 1
+train_data=$train_txt
+[ "$extra_train" != none ] && train_data=$train_txt,$results/lower-train.txt
+python3 - "$results" "$val_percent" "$corpus" "$extra_train" <<'EOF' || exit 1
 # Documents are runs of non-blank lines (a blank line holds only " \t\r\v\f"), as runtime/eval.cpp splits them;
 # written back joined by one blank line, qkd-eval and qkd-train split them into the same documents.
-import hashlib, json, os, sys
+import bisect, hashlib, json, os, sys
 out, percent, corpus = sys.argv[1], float(sys.argv[2]), [c for c in sys.argv[3].split(",") if c]
+extra = sys.argv[4]
 
 def documents(text):
     docs, cur = [], []
@@ -224,7 +255,29 @@ for path in corpus:
     files.append({"file": os.path.basename(path), "documents": len(docs), "val_documents": n_val})
 split = {"rule": f"the last {percent:g}% of the documents of each file (blank-line separated) are validation",
          "files": files}
-for name, docs in (("train", train), ("val", val)):
+outputs = [("train", train), ("val", val)]
+if extra != "none":
+    # The extra training corpus (the lowercased TinyStories) holds the validation stories too, lowercased: drop
+    # every document in which the lowercased, space-normalised first 80 characters of a validation document occur.
+    norm = lambda d: " ".join(d.lower().split())
+    ex = documents(open(extra, encoding="utf-8", newline="").read())
+    normed = [norm(d) for d in ex]
+    big, starts, pos = "\x00".join(normed), [], 0
+    for d in normed:
+        starts.append(pos)
+        pos += len(d) + 1
+    bad = set()
+    for key in (norm(d)[:80] for d in val):
+        i = big.find(key)
+        while i >= 0:
+            bad.add(bisect.bisect_right(starts, i) - 1)
+            i = big.find(key, i + 1)
+    kept = [d for i, d in enumerate(ex) if i not in bad]
+    outputs.append(("lower-train", kept))
+    split["extra"] = {"file": os.path.basename(extra), "documents": len(ex), "kept": len(kept),
+                      "dropped_matching_validation": len(ex) - len(kept),
+                      "note": "qkd-train --data train.txt,lower-train.txt"}
+for name, docs in outputs:
     data = ("\n\n".join(docs) + "\n").encode("utf-8")
     split[name] = {"documents": len(docs), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     tmp = os.path.join(out, name + ".txt.tmp")
@@ -234,8 +287,8 @@ for name, docs in (("train", train), ("val", val)):
 path = os.path.join(out, "split.json")
 if os.path.exists(path):
     old = json.load(open(path))
-    for name in ("train", "val"):
-        if old[name]["sha256"] != split[name]["sha256"]:
+    for name in [n for n, _ in outputs]:
+        if name not in old or old[name]["sha256"] != split[name]["sha256"]:
             sys.exit(f"ov-freeze-table: {name}.txt differs from the split the earlier rows used ({path}); "
                      "give the same --corpus and --val-percent, or start a new --results folder")
 else:
@@ -248,7 +301,8 @@ EOF
 
 pack_results() {  # the small files, for the device tool to bring back; written whole or not at all
   [ -n "$pack" ] || return 0
-  tar -czf "$pack.tmp" -C "$results" --exclude=./train.txt --exclude=./val.txt --exclude='*.tmp' . 2>> "$LOG" &&
+  tar -czf "$pack.tmp" -C "$results" --exclude=./train.txt --exclude=./val.txt --exclude=./lower-train.txt \
+    --exclude='*.tmp' . 2>> "$LOG" &&
     mv -f "$pack.tmp" "$pack"
 }
 
@@ -345,6 +399,7 @@ settings_of() {  # kind bits group sym freeze seed
   case "$kind" in
     rtn) echo "rtn_via=qkd-quantize" ;;
     rtn-train) method=rtn; echo "rtn_via=qkd-train --steps 1 --lr 1e-12 (an update below fp32 resolution)" ;;
+    gptq) echo "gptq_via=qkd-quantize --clip-search --gptq train.txt" ;;
     qat) method=qat-kd ;;
   esac
   echo "method=$method"
@@ -356,9 +411,42 @@ settings_of() {  # kind bits group sym freeze seed
   if [ "$kind" = qat ]; then
     printf '%s\n' "steps=$steps" "batch=$batch" "seq_len=$seq_len" "lr=$lr" "eval_every=$eval_every" \
       "train_args=$train_args"
+    # where the student starts: GPTQ's checkpoint (int4 with --start gptq) or round to nearest
+    if [ "$start" = gptq ] && [ "$bits" = 4 ]; then echo "start=gptq"; else echo "start=rtn"; fi
+    if [ "$extra_train" != none ]; then echo "train_data=train.txt,lower-train.txt"; else echo "train_data=train.txt"; fi
   fi
   echo "eval_ctx=$seq_len"
   echo "teacher=$(basename "$teacher")"
+}
+
+# ---- the GPTQ start: made once per call that needs it; its sha256 must match the first call's.
+gptq_dir=$work/gptq/int4-g128-sym
+gptq_cmd=("$bin/qkd-quantize" -m "$teacher" -o "$gptq_dir" --group-size 128 --sym --clip-search --gptq "$train_txt"
+          --force)
+gptq_t=-
+ensure_gptq() {  # sets step_rc (0: ready), step_cut; the log is $work/gptq/quantize.log
+  mkdir -p "$work/gptq"
+  local glog=$work/gptq/quantize.log sha want t0
+  if [ ! -f "$gptq_dir/model.safetensors" ]; then
+    : > "$glog"
+    t0=$(elapsed)
+    run_step "$run_timeout" "$glog" - "${gptq_cmd[@]}"
+    gptq_t=$(($(elapsed) - t0))
+    ((step_rc == 0)) || { rm -rf "$gptq_dir"; return; }
+    say "  GPTQ start made in ${gptq_t} s"
+  fi
+  sha=$(cat "$gptq_dir"/*.safetensors | sha256sum | cut -d' ' -f1)
+  if [ -f "$results/gptq-int4.sha256" ]; then
+    want=$(cat "$results/gptq-int4.sha256")
+    if [ "$sha" != "$want" ]; then
+      echo "the GPTQ start hashes to $sha, the earlier calls' to $want: the seeds would not share a start" >> "$glog"
+      step_rc=1 step_cut=0
+      return
+    fi
+  else
+    echo "$sha" > "$results/gptq-int4.sha256"
+  fi
+  step_rc=0
 }
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -432,17 +520,40 @@ json.dump(j, open(sys.argv[3], 'w'), indent=1)
       mark_failed "$name" "qkd-quantize" "$qlog"; failed=$((failed + 1)); pack_results; continue
     fi
     cp -f "$qlog" "$results/logs/$name.quantize.log"
+  elif [ "$kind" = gptq ]; then
+    model=$gptq_dir
+    cmds+=("$(quote "${gptq_cmd[@]}")")
+    ensure_gptq
+    t_train=$gptq_t
+    if ((step_rc != 0)); then
+      if ((step_cut)); then stopped_at=$name; say "  cut by the deadline; redone next call"; break; fi
+      mark_failed "$name" "qkd-quantize --gptq" "$work/gptq/quantize.log"; failed=$((failed + 1)); pack_results; continue
+    fi
+    cp -f "$work/gptq/quantize.log" "$results/logs/$name.quantize.log"
   elif [ "$kind" = qat ] || [ "$kind" = rtn-train ]; then
     rundir=$work/runs/$name
     model=$rundir/model
     r_steps=$steps r_lr=$lr r_eval_every=$eval_every extra=()
+    r_data=$train_txt
     if [ "$kind" = rtn-train ]; then
       r_steps=1 r_lr=1e-12 r_eval_every=0
     else
+      r_data=$train_data
       # shellcheck disable=SC2206  # --train-args is split into words on purpose
       extra=($train_args)
+      if [ "$start" = gptq ] && [ "$bits" = 4 ]; then
+        extra+=(--init "$gptq_dir" --init-scales "$gptq_dir")
+        if [ ! -d "$model" ]; then
+          ensure_gptq
+          if ((step_rc != 0)); then
+            if ((step_cut)); then stopped_at=$name; say "  cut by the deadline; redone next call"; break; fi
+            mark_failed "$name" "qkd-quantize --gptq (the start)" "$work/gptq/quantize.log"; failed=$((failed + 1))
+            pack_results; continue
+          fi
+        fi
+      fi
     fi
-    tcmd=("$bin/qkd-train" --teacher "$teacher" --data "$train_txt" --val-data "$val_txt" --out "$rundir"
+    tcmd=("$bin/qkd-train" --teacher "$teacher" --data "$r_data" --val-data "$val_txt" --out "$rundir"
           --backend cuda --bits "$bits" --group-size "$group" --freeze "$freeze" --seed "$seed" --steps "$r_steps"
           --seq-len "$seq_len" --batch "$batch" --lr "$r_lr" --eval-every "$r_eval_every" --save-every 0
           --no-progress "${extra[@]}")

@@ -68,6 +68,7 @@ std::vector<Key> keys(TrainConfig& c) {
       {"max_bad_steps", &c.max_bad_steps, false},
       {"resume", &c.resume, false},
       {"progress", &c.progress, false},
+      {"export_f32", &c.export_f32, false},
       {"metrics", &c.metrics, false},
   };
 }

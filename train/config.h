@@ -59,6 +59,7 @@ struct TrainConfig {
   int max_bad_steps = 5;           // consecutive NaN/Inf steps before training aborts
   bool resume = false;             // continue from out/checkpoint
   bool progress = true;            // the progress bar on stderr (only when stderr is a terminal)
+  bool export_f32 = false;         // the exported student keeps embeddings, LM head and norms in fp32 (default bf16)
   std::string metrics;             // JSON-lines file; default out/metrics.jsonl
 };
 

@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include "kernels/dtype.h"
 #include "kernels/error.h"
 #include "kernels/fake_quant.h"
 
@@ -226,7 +227,8 @@ HostInit init_parameters(const Plan& plan, const ModelWeights& init, const Model
 }
 
 Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
-                             const std::vector<Int4HostWeight>& frozen, const std::string& source_model) {
+                             const std::vector<Int4HostWeight>& frozen, const std::string& source_model,
+                             bool dense_f32) {
   const ModelConfig& c = plan.config;
   Int4Quantized q;
   q.source_model = source_model;
@@ -243,14 +245,23 @@ Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
   w.layers.resize(static_cast<size_t>(c.n_layers));
   auto dense = [&](int seg) {
     const Segment& s = plan.segments[static_cast<size_t>(seg)];
-    auto buf = std::make_shared<std::vector<float>>(master.begin() + s.offset, master.begin() + s.offset + s.numel);
     TensorView t;
     t.name = s.name;
-    t.dtype = DType::F32;
     t.shape = s.shape;
-    t.data = reinterpret_cast<const std::byte*>(buf->data());
-    t.nbytes = buf->size() * sizeof(float);
-    w.storage.push_back(buf);
+    if (dense_f32) {
+      auto buf = std::make_shared<std::vector<float>>(master.begin() + s.offset, master.begin() + s.offset + s.numel);
+      t.dtype = DType::F32;
+      t.data = reinterpret_cast<const std::byte*>(buf->data());
+      t.nbytes = buf->size() * sizeof(float);
+      w.storage.push_back(buf);
+    } else {
+      auto buf = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(s.numel));
+      for (int64_t i = 0; i < s.numel; ++i) (*buf)[static_cast<size_t>(i)] = float_to_bf16(master[static_cast<size_t>(s.offset + i)]);
+      t.dtype = DType::BF16;
+      t.data = reinterpret_cast<const std::byte*>(buf->data());
+      t.nbytes = buf->size() * sizeof(uint16_t);
+      w.storage.push_back(buf);
+    }
     return t;
   };
   auto int4 = [&](std::shared_ptr<Int4HostWeight> hw, const std::string& name) {

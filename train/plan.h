@@ -102,8 +102,11 @@ struct HostInit {
 HostInit init_parameters(const Plan& plan, const ModelWeights& init, const ModelWeights* scales_from);
 
 // The trained student as an int4 model (the Quantized and Frozen linear layers as DType::I4, bf16 scales,
-// symmetric; the Dense tensors as F32), ready for write_int4_checkpoint. `storage` of the result owns the bytes.
+// symmetric; the Dense tensors -- embeddings, LM head, norms -- as BF16, rounded to nearest even, which is the
+// compute copy the CUDA forward trained with; as F32 when dense_f32), ready for write_int4_checkpoint. `storage`
+// of the result owns the bytes.
 Int4Quantized export_student(const Plan& plan, const std::vector<float>& master,
-                             const std::vector<Int4HostWeight>& frozen, const std::string& source_model);
+                             const std::vector<Int4HostWeight>& frozen, const std::string& source_model,
+                             bool dense_f32 = false);
 
 }  // namespace qkd::train

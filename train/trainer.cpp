@@ -321,7 +321,7 @@ TrainResult run_training(const TrainConfig& cfg_in, const TrainHooks& hooks) {
   // Export the student as a qkd int4 checkpoint.
   std::vector<float> master, m, v;
   engine->get_state(master, m, v);
-  Int4Quantized q = export_student(plan, master, engine->frozen_weights(), init_path);
+  Int4Quantized q = export_student(plan, master, engine->frozen_weights(), init_path, cfg.export_f32);
   // The frozen layers' codes came from the --init-scales checkpoint: say how that one chose them.
   if (!cfg.init_scales.empty() && plan.n_frozen > 0) {
     const std::string from = int4_checkpoint_quantizer(cfg.init_scales);
