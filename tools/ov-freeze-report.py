@@ -19,7 +19,10 @@ import sys
 NAME = "ov-freeze"
 FREEZE_LABEL = {"none": "none", "o,v": "o,v (ov-freeze)", "q,k": "q,k (control)"}
 FREEZE_SHORT = {"none": "no freeze", "o,v": "ov-freeze", "q,k": "q,k frozen"}
-COLORS = {"none": "#1f77b4", "o,v": "#d62728", "q,k": "#2ca02c"}
+COLORS = {"none": "#1f77b4", "o,v": "#d62728", "q,k": "#2ca02c", "sug": "#9467bd"}
+# "sug": the rows that freeze what qkd-analyze suggests (settings freeze_from = qkd-analyze); main() names them by
+# the list they froze.
+FREEZE_SHORT["sug"] = FREEZE_LABEL["sug"] = "qkd-analyze's pick"
 # two-sided 95% quantiles of Student's t, by degrees of freedom (the paired seed comparisons have n-1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -90,11 +93,14 @@ def groups_of(rows):
             ("rtn4-asym", "RTN int4, asymmetric", s_is(method="rtn", bits=4, group_size=128, symmetric=False)),
             ("rtn4-ch", "RTN int4, per-channel symmetric", s_is(method="rtn", bits=4, group_size=0)),
             ("gptq4", "GPTQ int4 + clip search, symmetric (the QAT start)", s_is(method="gptq", bits=4, group_size=128))]
-    for f in ("none", "o,v", "q,k"):
-        spec.append((f"qat4-{f}", "QAT-KD int4", s_is(method="qat-kd", bits=4, group_size=128, freeze=f)))
-    spec.append(("rtn3-sym", "RTN int3, symmetric †", s_is(method="rtn", bits=3, group_size=128)))
-    for f in ("none", "o,v", "q,k"):
-        spec.append((f"qat3-{f}", "QAT-KD int3", s_is(method="qat-kd", bits=3, group_size=128, freeze=f)))
+    for b in (4, 3):
+        if b == 3:
+            spec.append(("rtn3-sym", "RTN int3, symmetric †", s_is(method="rtn", bits=3, group_size=128)))
+        for f in ("none", "o,v", "q,k"):
+            spec.append((f"qat{b}-{f}", f"QAT-KD int{b}",
+                         s_is(method="qat-kd", bits=b, group_size=128, freeze=f, freeze_from=None)))
+        spec.append((f"qat{b}-sug", f"QAT-KD int{b}", s_is(method="qat-kd", bits=b, group_size=128,
+                                                           freeze_from="qkd-analyze")))
     out = []
     for key, label, pred in spec:
         rs = pick(pred)
@@ -424,6 +430,9 @@ def main():
     os.makedirs(a.docs, exist_ok=True)
     groups = groups_of(rows)
     G = {g.key: g for g in groups}
+    sug = next((g.rows[0]["settings"].get("freeze") for g in groups if g.key.endswith("-sug")), None)
+    if sug:
+        FREEZE_SHORT["sug"] = f"{sug} frozen (qkd-analyze)"
     teacher = G.get("teacher")
     t_ppl = teacher.values("perplexity")[0] if teacher else None
     results_abs = None
@@ -456,6 +465,8 @@ def main():
         bits = "bf16" if s.get("method") == "teacher" else str(s.get("bits"))
         group = {128: "128", 0: "channel"}.get(s.get("group_size"), "—")
         freeze = FREEZE_LABEL.get(s.get("freeze"), "—") if s.get("method") == "qat-kd" else "—"
+        if g.key.endswith("-sug"):
+            freeze = f"{s.get('freeze')} (qkd-analyze's pick)"
         ppls = g.values("perplexity")
         rel = [p / t_ppl - 1 for p in ppls] if t_ppl and g.key != "teacher" else []
         rec = []
@@ -516,12 +527,14 @@ def main():
     compare = []
     for bits in (4, 3):
         o, n, q = G.get(f"qat{bits}-o,v"), G.get(f"qat{bits}-none"), G.get(f"qat{bits}-q,k")
+        sg = G.get(f"qat{bits}-sug")
         if not (o and n):
             continue
         compare.append(f"**int{bits} g128** (differences are paired by seed: the same seed gives the same data order):")
         compare.append("")
         for a_, b_, name in ((o, n, "ov-freeze − no freeze"), (q, n, "q,k frozen − no freeze"),
-                             (o, q, "ov-freeze − q,k frozen")):
+                             (o, q, "ov-freeze − q,k frozen"), (sg, n, f"{sug} frozen (qkd-analyze) − no freeze"),
+                             (o, sg, f"ov-freeze − {sug} frozen (qkd-analyze)")):
             if not (a_ and b_):
                 continue
             compare.append(f"- {name}: " + "; ".join([
@@ -575,6 +588,18 @@ def main():
         ana.append(f"Suggested `--freeze`: `{analyze.get('suggested_freeze')}`. The two most damaged projections are "
                    f"{', '.join(sorted(top2))}: {'the same as' if top2 == {'o', 'v'} else 'not the same as'} "
                    f"ov-freeze's o,v.")
+        # the suggestion, tried: the "sug" rows of the table froze it
+        for b in (4, 3):
+            sg, o, n = G.get(f"qat{b}-sug"), G.get(f"qat{b}-o,v"), G.get(f"qat{b}-none")
+            if not (sg and o):
+                continue
+            mp = lambda g: statistics.fmean(g.values("perplexity"))
+            mk = lambda g: statistics.fmean(g.values("kl_to_teacher"))
+            nn = f"; no freeze {mp(n):.4f} / {mk(n):.5f}" if n else ""
+            ana.append("")
+            ana.append(f"In the table, int{b} g128 QAT-KD with the suggestion frozen (`--freeze {sug}`, "
+                       f"{seeds_text(len(sg.rows))}) ends at perplexity {mp(sg):.4f} and KL {mk(sg):.5f}, against "
+                       f"ov-freeze's {mp(o):.4f} / {mk(o):.5f}{nn} (the paired comparisons are in the section above).")
     else:
         ana.append("`qkd-analyze` has not been run for these results (no analyze.json).")
 
@@ -708,7 +733,7 @@ def main():
     if gptq_start:
         names["gptq4"] = "GPTQ int4 g128"
     for b_ in (4, 3):
-        for f in ("none", "o,v", "q,k"):
+        for f in ("none", "o,v", "q,k", "sug"):
             names[f"qat{b_}-{f}"] = f"QAT-KD int{b_} {FREEZE_SHORT[f]}"
     missing = [v for k, v in names.items() if k not in G]
     few = [f"{g.label} {FREEZE_SHORT.get(g.key.split('-', 1)[1], '')}".strip() + f" ({len(g.rows)})"

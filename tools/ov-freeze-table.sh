@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The table of issue 6, run on the GPU machine with qkd's own tools: the bf16 teacher, RTN int4 (g128 symmetric,
 # g128 asymmetric, per-channel symmetric), GPTQ int4 (the QAT start), and QAT-KD (qkd-train) with no freeze, with
-# ov-freeze (o,v frozen) and with q,k frozen as a control, each over --seeds seeds, for int4 g128 and int3 g128.
+# ov-freeze (o,v frozen), with q,k frozen as a control and with the freeze list qkd-analyze suggests, each over
+# --seeds seeds, for int4 g128 and int3 g128.
 # Every row is scored by qkd-eval against the teacher on a validation split made here (perplexity, KL to the
 # teacher, top-1 agreement), and qkd-analyze's per-projection ranking is saved once. tools/ov-freeze-report.py
 # turns the results into docs/ov-freeze.md and the plots.
@@ -128,13 +129,19 @@ rows=("teacher-bf16|teacher|16|-|-|-|-"
 [ "$start" = gptq ] && rows+=("gptq-int4-g128-sym|gptq|4|128|sym|-|-")
 bit_list=(4)
 ((int3)) && bit_list+=(3)
+# The "sug" rows freeze what qkd-analyze suggests (freeze @analyze: read from results/analyze.json when the row
+# starts), so the analysis's answer is tried in the same table; their seed 0 runs right after the analysis.
 for ((s = 0; s < seeds; s++)); do
   for b in "${bit_list[@]}"; do
     for f in none o,v q,k; do
       rows+=("qat-int$b-g128-${f//,/}-s$s|qat|$b|128|sym|$f|$s")
     done
+    ((s > 0)) && rows+=("qat-int$b-g128-sug-s$s|qat|$b|128|sym|@analyze|$s")
   done
-  ((s == 0)) && rows+=("analyze|analyze|4|128|sym|-|-")
+  if ((s == 0)); then
+    rows+=("analyze|analyze|4|128|sym|-|-")
+    for b in "${bit_list[@]}"; do rows+=("qat-int$b-g128-sug-s0|qat|$b|128|sym|@analyze|0"); done
+  fi
 done
 rows+=("rtn-int4-g128-sym-via-train|rtn-train|4|128|sym|none|0")
 
@@ -407,6 +414,7 @@ settings_of() {  # kind bits group sym freeze seed
   case "$group" in 128) echo "group_size=128" ;; channel) echo "group_size=0" ;; *) echo "group_size=null" ;; esac
   case "$sym" in sym) echo "symmetric=true" ;; asym) echo "symmetric=false" ;; *) echo "symmetric=null" ;; esac
   [ "$freeze" = - ] && echo "freeze=null" || echo "freeze=$freeze"
+  [ -n "${freeze_from:-}" ] && echo "freeze_from=$freeze_from"
   [ "$seed" = - ] && echo "seed=null" || echo "seed=$seed"
   if [ "$kind" = qat ]; then
     printf '%s\n' "steps=$steps" "batch=$batch" "seq_len=$seq_len" "lr=$lr" "eval_every=$eval_every" \
@@ -467,8 +475,20 @@ for ((i = 0; i < n_rows; i++)); do
     say "$tag: not started: ${now} s gone of --budget $budget / --deadline $deadline (a row of this kind takes ~${est[$kind]} s)"
     break
   fi
+  freeze_from=""
+  if [ "$freeze" = @analyze ]; then
+    freeze=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['suggested_freeze'])" \
+               "$results/analyze.json" 2>/dev/null)
+    if [ -z "$freeze" ]; then
+      say "$tag: waits for qkd-analyze's suggested freeze (no $results/analyze.json yet)"
+      continue
+    fi
+    freeze_from=qkd-analyze
+  fi
   t_row=$(elapsed)
-  say "$tag: start"
+  note=""
+  [ -n "$freeze_from" ] && note=" (freeze $freeze, suggested by qkd-analyze)"
+  say "$tag: start$note"
   rm -f "$results/$name.failed"
 
   if [ "$kind" = analyze ]; then
