@@ -20,9 +20,8 @@ NAME = "ov-freeze"
 FREEZE_LABEL = {"none": "none", "o,v": "o,v (ov-freeze)", "q,k": "q,k (control)"}
 FREEZE_SHORT = {"none": "no freeze", "o,v": "ov-freeze", "q,k": "q,k frozen"}
 COLORS = {"none": "#1f77b4", "o,v": "#d62728", "q,k": "#2ca02c", "sug": "#9467bd"}
-# "sug": the rows that freeze what qkd-analyze suggests (settings freeze_from = qkd-analyze); main() names them by
-# the list they froze.
-FREEZE_SHORT["sug"] = FREEZE_LABEL["sug"] = "qkd-analyze's pick"
+# "sug" (group keys qat4-sug, qat3-sug): the rows that freeze what qkd-analyze suggests (settings freeze_from =
+# qkd-analyze); main() adds their names, which hold the list they froze.
 # two-sided 95% quantiles of Student's t, by degrees of freedom (the paired seed comparisons have n-1)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -431,8 +430,8 @@ def main():
     groups = groups_of(rows)
     G = {g.key: g for g in groups}
     sug = next((g.rows[0]["settings"].get("freeze") for g in groups if g.key.endswith("-sug")), None)
-    if sug:
-        FREEZE_SHORT["sug"] = f"{sug} frozen (qkd-analyze)"
+    FREEZE_SHORT["sug"] = f"{sug or 'the suggestion'} frozen (qkd-analyze)"
+    FREEZE_LABEL["sug"] = f"{sug or 'the suggestion'} (qkd-analyze's pick)"
     teacher = G.get("teacher")
     t_ppl = teacher.values("perplexity")[0] if teacher else None
     results_abs = None
@@ -464,9 +463,7 @@ def main():
         s = g.rows[0]["settings"]
         bits = "bf16" if s.get("method") == "teacher" else str(s.get("bits"))
         group = {128: "128", 0: "channel"}.get(s.get("group_size"), "—")
-        freeze = FREEZE_LABEL.get(s.get("freeze"), "—") if s.get("method") == "qat-kd" else "—"
-        if g.key.endswith("-sug"):
-            freeze = f"{s.get('freeze')} (qkd-analyze's pick)"
+        freeze = FREEZE_LABEL[g.key.split("-", 1)[1]] if g.key.startswith("qat") else "—"
         ppls = g.values("perplexity")
         rel = [p / t_ppl - 1 for p in ppls] if t_ppl and g.key != "teacher" else []
         rec = []

@@ -399,9 +399,15 @@ print(f"ppl {j['perplexity']:.4f}  kl {j.get('kl_to_teacher', 0):.5f}  top1 {j.g
 EOF
 }
 
+# qkd-analyze's suggested --freeze list from results/analyze.json; empty when there is none yet.
+suggested_freeze() {
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('suggested_freeze') or '')" \
+    "$results/analyze.json" 2>/dev/null
+}
+
 # A row's settings as KEY=VALUE lines; write_row reads each VALUE as JSON where it is JSON, else as a string.
-settings_of() {  # kind bits group sym freeze seed
-  local kind=$1 bits=$2 group=$3 sym=$4 freeze=$5 seed=$6
+settings_of() {  # kind bits group sym freeze seed freeze_from
+  local kind=$1 bits=$2 group=$3 sym=$4 freeze=$5 seed=$6 freeze_from=$7
   local method=$kind
   case "$kind" in
     rtn) echo "rtn_via=qkd-quantize" ;;
@@ -414,7 +420,7 @@ settings_of() {  # kind bits group sym freeze seed
   case "$group" in 128) echo "group_size=128" ;; channel) echo "group_size=0" ;; *) echo "group_size=null" ;; esac
   case "$sym" in sym) echo "symmetric=true" ;; asym) echo "symmetric=false" ;; *) echo "symmetric=null" ;; esac
   [ "$freeze" = - ] && echo "freeze=null" || echo "freeze=$freeze"
-  [ -n "${freeze_from:-}" ] && echo "freeze_from=$freeze_from"
+  [ -n "$freeze_from" ] && echo "freeze_from=$freeze_from"
   [ "$seed" = - ] && echo "seed=null" || echo "seed=$seed"
   if [ "$kind" = qat ]; then
     printf '%s\n' "steps=$steps" "batch=$batch" "seq_len=$seq_len" "lr=$lr" "eval_every=$eval_every" \
@@ -477,8 +483,7 @@ for ((i = 0; i < n_rows; i++)); do
   fi
   freeze_from=""
   if [ "$freeze" = @analyze ]; then
-    freeze=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['suggested_freeze'])" \
-               "$results/analyze.json" 2>/dev/null)
+    freeze=$(suggested_freeze)
     if [ -z "$freeze" ]; then
       say "$tag: waits for qkd-analyze's suggested freeze (no $results/analyze.json yet)"
       continue
@@ -510,7 +515,7 @@ json.dump(j, open(sys.argv[3], 'w'), indent=1)
 " "$work/analyze.out" "$(quote "${cmd[@]}")" "$results/analyze.json.tmp" 2>> "$alog"; then
       mv -f "$results/analyze.json.tmp" "$results/analyze.json"
       cp -f "$alog" "$results/logs/analyze.log"
-      say "  analyze: suggested freeze $(python3 -c "import json,sys; print(json.load(open(sys.argv[1])).get('suggested_freeze'))" "$results/analyze.json")"
+      say "  analyze: suggested freeze $(suggested_freeze)"
     elif ((step_cut)); then
       stopped_at=$name; say "  cut by the deadline; redone next call"; break
     else
@@ -612,7 +617,7 @@ json.dump(j, open(sys.argv[3], 'w'), indent=1)
   fi
   tr '\r' '\n' < "$edir/eval.log" | grep -v 'window [0-9]' > "$results/logs/$name.eval.log"
   if ! line=$(write_row "$name" "$edir/eval.json" \
-      "$(settings_of "$kind" "$bits" "$group" "$sym" "$freeze" "$seed")" "$rundir" "$t_train" "$t_eval" "${cmds[@]}" \
+      "$(settings_of "$kind" "$bits" "$group" "$sym" "$freeze" "$seed" "$freeze_from")" "$rundir" "$t_train" "$t_eval" "${cmds[@]}" \
       2>> "$edir/eval.log"); then
     step_rc=1; mark_failed "$name" "reading qkd-eval's JSON" "$edir/eval.log"; failed=$((failed + 1)); continue
   fi
